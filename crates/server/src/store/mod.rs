@@ -1,0 +1,261 @@
+//! Durable server state behind one trait, [`Store`], with its backends beside it: [`memory`] (reference
+//! implementation, tests) and [`sqlite`] (the embedded default: one file, WAL, group commit). A PostgreSQL
+//! backend for clusters implements the same trait; [`tests`] is the conformance suite every backend runs.
+//!
+//! The store holds only ciphertext, public keys and routing metadata: message plaintext never reaches it.
+
+pub mod memory;
+pub mod sqlite;
+#[cfg(test)]
+pub(crate) mod tests;
+
+use async_trait::async_trait;
+use natter_proto::{DeviceId, MessageId, PhoneNumber};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The account does not exist.
+    #[error("no such account")]
+    NoSuchAccount,
+    /// The device does not exist.
+    #[error("no such device")]
+    NoSuchDevice,
+    /// A stored row does not decode; the database was altered outside natterd.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// The backend failed (I/O, disk full, connection lost). Retryable from the client's side.
+    #[error("storage backend: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Result of a store operation.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A pending registration code. Only a hash of the code is stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CodeRecord {
+    /// The number.
+    pub phone: PhoneNumber,
+    /// SHA-256 of the code (salted with the number).
+    pub code_hash: [u8; 32],
+    /// When it was sent (ms since epoch).
+    pub sent_at_ms: u64,
+    /// When it expires (ms since epoch).
+    pub expires_at_ms: u64,
+    /// Wrong guesses so far.
+    pub attempts: u32,
+}
+
+/// An account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountRecord {
+    /// Its number.
+    pub phone: PhoneNumber,
+    /// Ed25519 account identity key.
+    pub account_key: [u8; 32],
+    /// Encoded `SignedDeviceList` (as the client uploaded it; the server cannot produce one).
+    pub device_list: Vec<u8>,
+    /// The device list's version.
+    pub device_list_version: u64,
+    /// When the account was created (ms since epoch).
+    pub created_at_ms: u64,
+}
+
+/// A device of an account, as the server needs it for login and routing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceRecord {
+    /// Its account.
+    pub phone: PhoneNumber,
+    /// Its id.
+    pub device_id: DeviceId,
+    /// Noise static public key: the login credential.
+    pub noise_key: [u8; 32],
+    /// Ed25519 device key, used to check prekey signatures on upload.
+    pub identity_ed: [u8; 32],
+    /// Last time it connected (ms since epoch).
+    pub last_seen_ms: u64,
+}
+
+/// A signed one-time or fallback key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreKeyRecord {
+    /// vodozemac key id.
+    pub key_id: String,
+    /// Curve25519 public key.
+    pub key: [u8; 32],
+    /// Device signature.
+    pub signature: Vec<u8>,
+}
+
+/// A claimed prekey.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimedPreKey {
+    /// The key.
+    pub prekey: PreKeyRecord,
+    /// True if the one-time keys had run out and this is the fallback key.
+    pub fallback: bool,
+    /// One-time keys left for the device after this claim.
+    pub remaining: u32,
+}
+
+/// An envelope to queue for one device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEnvelope {
+    /// Recipient account.
+    pub phone: PhoneNumber,
+    /// Recipient device.
+    pub device_id: DeviceId,
+    /// Olm message type (0 pre-key, 1 normal).
+    pub olm_type: u32,
+    /// Ciphertext.
+    pub ciphertext: Vec<u8>,
+}
+
+/// One message from one device, fanned out to several devices. Stored atomically: all or nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewMessage {
+    /// Sending account.
+    pub sender: PhoneNumber,
+    /// Sending device.
+    pub sender_device: DeviceId,
+    /// The sender's id for the message (idempotency key together with sender and device).
+    pub message_id: MessageId,
+    /// Server time of acceptance (ms since epoch).
+    pub server_ts_ms: u64,
+    /// When the envelopes expire if nobody acknowledges them (ms since epoch).
+    pub expires_at_ms: u64,
+    /// One envelope per recipient device.
+    pub envelopes: Vec<NewEnvelope>,
+}
+
+/// What happened to a [`NewMessage`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EnqueueOutcome {
+    /// Stored: one envelope per recipient device, in the order given, with their queue ids.
+    Stored(Vec<QueuedEnvelope>),
+    /// A message with this (sender, sender device, message id) was accepted before; nothing stored.
+    Duplicate {
+        /// Server time of the first acceptance.
+        server_ts_ms: u64,
+    },
+}
+
+/// An envelope waiting in a device's queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuedEnvelope {
+    /// Queue id: grows with every envelope the store accepts, across all devices.
+    pub seq: u64,
+    /// Recipient account.
+    pub phone: PhoneNumber,
+    /// Recipient device.
+    pub device_id: DeviceId,
+    /// Sending account.
+    pub sender: PhoneNumber,
+    /// Sending device.
+    pub sender_device: DeviceId,
+    /// Sender's message id.
+    pub message_id: MessageId,
+    /// Server time of acceptance.
+    pub server_ts_ms: u64,
+    /// Olm message type.
+    pub olm_type: u32,
+    /// Ciphertext.
+    pub ciphertext: Vec<u8>,
+}
+
+/// A new account replacing whatever had the same number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewAccount {
+    /// The account.
+    pub account: AccountRecord,
+    /// Its first device, the primary.
+    pub primary: DeviceRecord,
+}
+
+/// Everything natterd keeps durably. Implementations must make every `&self` method safe to call from many
+/// tasks at once, and must not return from a write before it is durable: a message is acknowledged to its
+/// sender as soon as [`Store::enqueue`] returns.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // ---- registration codes ----
+
+    /// Stores (or replaces) the pending code for a number.
+    async fn save_code(&self, code: &CodeRecord) -> StoreResult<()>;
+    /// The pending code for a number.
+    async fn get_code(&self, phone: &PhoneNumber) -> StoreResult<Option<CodeRecord>>;
+    /// Counts one wrong guess; returns the new count.
+    async fn add_code_attempt(&self, phone: &PhoneNumber) -> StoreResult<u32>;
+    /// Removes the pending code (used or burnt).
+    async fn remove_code(&self, phone: &PhoneNumber) -> StoreResult<()>;
+
+    // ---- accounts and devices ----
+
+    /// Creates an account with its primary device, atomically replacing an existing account with the
+    /// same number: its devices, their keys and their queued envelopes are deleted. Returns the ids of the
+    /// devices that were removed (empty if the number was new).
+    async fn create_account(&self, new: &NewAccount) -> StoreResult<Vec<DeviceId>>;
+    /// An account by number.
+    async fn get_account(&self, phone: &PhoneNumber) -> StoreResult<Option<AccountRecord>>;
+    /// A device.
+    async fn get_device(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+    ) -> StoreResult<Option<DeviceRecord>>;
+    /// All devices of an account, ordered by id.
+    async fn list_devices(&self, phone: &PhoneNumber) -> StoreResult<Vec<DeviceRecord>>;
+    /// Records that a device connected.
+    async fn touch_device(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+        now_ms: u64,
+    ) -> StoreResult<()>;
+
+    // ---- prekeys ----
+
+    /// Adds one-time keys for a device (a key id already stored is ignored); returns how many unclaimed
+    /// one-time keys the device now has.
+    async fn add_one_time_keys(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+        keys: &[PreKeyRecord],
+    ) -> StoreResult<u32>;
+    /// Replaces the device's fallback key.
+    async fn set_fallback_key(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+        key: &PreKeyRecord,
+    ) -> StoreResult<()>;
+    /// Unclaimed one-time keys of a device.
+    async fn count_one_time_keys(&self, phone: &PhoneNumber, device_id: DeviceId)
+    -> StoreResult<u32>;
+    /// Claims (removes and returns) one one-time key of the device, oldest first, or its fallback key
+    /// (not removed) when none is left. `None` if the device has neither.
+    async fn claim_prekey(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+    ) -> StoreResult<Option<ClaimedPreKey>>;
+
+    // ---- delivery ----
+
+    /// Stores a message's envelopes durably, or reports a duplicate of an earlier (sender, device, id).
+    async fn enqueue(&self, msg: NewMessage) -> StoreResult<EnqueueOutcome>;
+    /// Envelopes queued for a device with `seq > after_seq`, oldest first, at most `limit`.
+    async fn load_queue(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<QueuedEnvelope>>;
+    /// Deletes acknowledged envelopes. Ids that are not (or no longer) in this device's queue are ignored,
+    /// so a device can never delete another device's mail.
+    async fn ack(&self, phone: &PhoneNumber, device_id: DeviceId, seqs: &[u64]) -> StoreResult<()>;
+    /// Deletes envelopes and idempotency records past their expiry; returns how many envelopes went.
+    async fn expire(&self, now_ms: u64) -> StoreResult<u64>;
+}
