@@ -20,6 +20,7 @@ pub struct Content {
 }
 
 /// Content kinds.
+#[allow(clippy::module_inception)]
 pub mod content {
     /// What an encrypted message carries.
     #[derive(Clone, PartialEq, prost::Oneof)]

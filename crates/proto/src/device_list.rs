@@ -88,7 +88,9 @@ impl DeviceListContent {
                 && d.account_signature.len() == SIG_LEN
                 && d.device_signature.len() == SIG_LEN;
             if !sizes_ok {
-                return Err(ProtoError::Invalid { what: "device keys" });
+                return Err(ProtoError::Invalid {
+                    what: "device keys",
+                });
             }
             if d.name.len() > MAX_SHORT_TEXT {
                 return Err(ProtoError::LimitExceeded {

@@ -23,7 +23,8 @@ pub fn encode_frame(f: &Frame, out: &mut Vec<u8>) -> Result<(), ProtoError> {
     }
     out.reserve(LEN_PREFIX + len);
     out.extend_from_slice(&(len as u32).to_be_bytes());
-    f.encode(out).map_err(|_| ProtoError::Invalid { what: "frame" })?;
+    f.encode(out)
+        .map_err(|_| ProtoError::Invalid { what: "frame" })?;
     Ok(())
 }
 

@@ -10,7 +10,9 @@ use zeroize::Zeroizing;
 
 use crate::error::ProtoError;
 use crate::frame::{FrameDecoder, encode_frame};
-use crate::limits::{MAX_HANDSHAKE_PAYLOAD, MAX_NOISE_MESSAGE, MAX_RECORD_PLAINTEXT, NOISE_TAG_LEN};
+use crate::limits::{
+    MAX_HANDSHAKE_PAYLOAD, MAX_NOISE_MESSAGE, MAX_RECORD_PLAINTEXT, NOISE_TAG_LEN,
+};
 use crate::wire::Frame;
 
 /// The Noise protocol name.
@@ -336,7 +338,8 @@ mod tests {
         assert!(big_twice.len() > crate::limits::MAX_RECORD_PLAINTEXT);
         let small = Frame::new(frame::Body::Ping(Ping { nonce: 7 }));
         let mut wire = Vec::new();
-        c.seal_frames([&small, &big, &big, &small], &mut wire).unwrap();
+        c.seal_frames([&small, &big, &big, &small], &mut wire)
+            .unwrap();
         let mut reader = RecordReader::new();
         let mut got = Vec::new();
         for piece in wire.chunks(1000) {

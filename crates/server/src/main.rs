@@ -1,1 +1,69 @@
-fn main() {}
+//! natterd: the Natter server. A thin binary over natter-server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use natter_server::{Server, ServerConfig};
+
+/// The Natter server.
+#[derive(Parser, Debug)]
+#[command(name = "natterd", version, about = "The Natter server")]
+struct Args {
+    /// Data directory (database, server key).
+    #[arg(long, env = "NATTERD_DATA", default_value = "./natter-data")]
+    data: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "NATTERD_LISTEN", default_value = "127.0.0.1:5222")]
+    listen: SocketAddr,
+    /// Where registration codes go: console, file:PATH or http:URL.
+    #[arg(long, env = "NATTERD_SMS_GATEWAY", default_value = "console")]
+    sms_gateway: String,
+    /// Maximum simultaneous connections.
+    #[arg(long, default_value_t = 18_000)]
+    max_connections: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NATTERD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut config = ServerConfig::new(&args.data);
+    config.listen = args.listen;
+    config.sms_gateway = args.sms_gateway;
+    config.max_connections = args.max_connections;
+    let server = Server::start(config)
+        .await
+        .with_context(|| format!("starting natterd in {}", args.data.display()))?;
+    eprintln!(
+        "natterd listening on {} (server key {})",
+        server.local_addr(),
+        hex::encode(server.public_key())
+    );
+    wait_for_signal().await;
+    eprintln!("natterd shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

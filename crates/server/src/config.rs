@@ -1,0 +1,71 @@
+//! Server configuration: one struct, every field documented with its default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use natter_proto::limits;
+
+/// How natterd runs.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Directory for the database and the server's Noise key. Default `./natter-data`.
+    pub data_dir: PathBuf,
+    /// Address to listen on. Default `127.0.0.1:5222`; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Where registration codes go: `console`, `file:PATH` or `http:URL`. Default `console`.
+    pub sms_gateway: String,
+    /// Maximum simultaneous connections. Default 18,000 (under the per-process limit of open files).
+    pub max_connections: usize,
+    /// Registration limits.
+    pub registration: RegistrationLimits,
+    /// How often expired envelopes are deleted. Default one hour.
+    pub expiry_interval: Duration,
+    /// How long an unacknowledged envelope is kept. Default 30 days.
+    pub envelope_retention: Duration,
+}
+
+/// Limits on registration, against abuse of SMS and guessing of codes.
+#[derive(Clone, Debug)]
+pub struct RegistrationLimits {
+    /// How long a code is valid. Default 10 minutes.
+    pub code_ttl: Duration,
+    /// Wrong guesses per code. Default 5.
+    pub max_attempts: u32,
+    /// Minimum time between codes to one number. Default 30 s.
+    pub resend_cooldown: Duration,
+    /// Codes per number per hour. Default 5.
+    pub codes_per_number_per_hour: u32,
+    /// Code requests per client IP per hour. Default 20.
+    pub codes_per_ip_per_hour: u32,
+    /// Verification attempts per client IP per hour. Default 60.
+    pub verifies_per_ip_per_hour: u32,
+}
+
+impl Default for RegistrationLimits {
+    fn default() -> Self {
+        Self {
+            code_ttl: limits::CODE_TTL,
+            max_attempts: limits::CODE_MAX_ATTEMPTS,
+            resend_cooldown: limits::CODE_RESEND_COOLDOWN,
+            codes_per_number_per_hour: 5,
+            codes_per_ip_per_hour: 20,
+            verifies_per_ip_per_hour: 60,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Defaults, with the given data directory.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 5222)),
+            sms_gateway: "console".into(),
+            max_connections: 18_000,
+            registration: RegistrationLimits::default(),
+            expiry_interval: Duration::from_secs(3600),
+            envelope_retention: limits::ENVELOPE_RETENTION,
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! Routing to online devices. Every envelope is durable in the store before it gets here, so routing is
+//! best effort: an envelope the router cannot hand to a connection right away is left for the connection
+//! to load from the store (a *resync*), never dropped.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use natter_proto::limits::MAX_UNACKED_PUSHES;
+use natter_proto::wire::{Push, Response};
+use natter_proto::{DeviceId, PhoneNumber};
+use tokio::sync::mpsc;
+
+use crate::store::QueuedEnvelope;
+
+/// Something for a connection's driver to do.
+#[derive(Debug)]
+pub enum ConnEvent {
+    /// Push this envelope (already durable).
+    Envelope(Arc<QueuedEnvelope>),
+    /// Envelopes were left in the store; load from the sequence in the connection's resync mark.
+    Resync,
+    /// The store deleted these acknowledged envelopes.
+    Acked(Vec<u64>),
+    /// A response to one of the connection's requests.
+    Response(Response),
+    /// A push without user data (no acknowledgement needed).
+    Push(Push),
+    /// The device is gone: tell the client why, then close.
+    Kick(String),
+}
+
+/// The sending side of a connection, held by the router.
+#[derive(Debug)]
+pub struct ConnShared {
+    /// Unique per connection.
+    pub id: u64,
+    tx: mpsc::UnboundedSender<ConnEvent>,
+    queued: AtomicUsize,
+    resync_from: AtomicU64,
+}
+
+impl ConnShared {
+    /// A new connection's shared half and the receiver its driver reads.
+    pub fn new(id: u64) -> (Arc<Self>, mpsc::UnboundedReceiver<ConnEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Arc::new(Self {
+                id,
+                tx,
+                queued: AtomicUsize::new(0),
+                resync_from: AtomicU64::new(u64::MAX),
+            }),
+            rx,
+        )
+    }
+
+    /// Queues an event for the driver; false if the connection is gone.
+    pub fn send(&self, ev: ConnEvent) -> bool {
+        self.tx.send(ev).is_ok()
+    }
+
+    /// Hands an envelope to the driver, or, when the driver is already behind, marks where it must
+    /// resync from the store. Bounded: a stuck connection holds at most [`MAX_UNACKED_PUSHES`] envelopes in
+    /// memory.
+    pub fn deliver(&self, env: Arc<QueuedEnvelope>) {
+        if self.queued.fetch_add(1, Ordering::AcqRel) < MAX_UNACKED_PUSHES {
+            if !self.send(ConnEvent::Envelope(env)) {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+            }
+            return;
+        }
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        let prev = self.resync_from.fetch_min(env.seq, Ordering::AcqRel);
+        if prev == u64::MAX {
+            self.send(ConnEvent::Resync);
+        }
+    }
+
+    /// The driver took an envelope event off its queue.
+    pub fn envelope_taken(&self) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// The driver starts a resync: returns the lowest sequence it must load from (`None` if no mark).
+    pub fn take_resync_mark(&self) -> Option<u64> {
+        match self.resync_from.swap(u64::MAX, Ordering::AcqRel) {
+            u64::MAX => None,
+            seq => Some(seq),
+        }
+    }
+}
+
+type Key = (PhoneNumber, DeviceId);
+const SHARDS: usize = 64;
+
+/// Which connection serves each online device. Sharded so that delivery takes no global lock.
+#[derive(Debug)]
+pub struct Router {
+    shards: Vec<Mutex<HashMap<Key, Arc<ConnShared>>>>,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Router {
+    /// An empty router.
+    pub fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn shard(&self, phone: &PhoneNumber, device: DeviceId) -> &Mutex<HashMap<Key, Arc<ConnShared>>> {
+        let mut h = DefaultHasher::new();
+        phone.hash(&mut h);
+        device.hash(&mut h);
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    fn lock<'a>(
+        m: &'a Mutex<HashMap<Key, Arc<ConnShared>>>,
+    ) -> std::sync::MutexGuard<'a, HashMap<Key, Arc<ConnShared>>> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes `conn` the connection of a device; returns the connection it replaces, if any.
+    pub fn register(
+        &self,
+        phone: &PhoneNumber,
+        device: DeviceId,
+        conn: Arc<ConnShared>,
+    ) -> Option<Arc<ConnShared>> {
+        Self::lock(self.shard(phone, device)).insert((phone.clone(), device), conn)
+    }
+
+    /// Removes the device's entry if it is still this connection.
+    pub fn unregister(&self, phone: &PhoneNumber, device: DeviceId, conn_id: u64) {
+        let mut map = Self::lock(self.shard(phone, device));
+        let key = (phone.clone(), device);
+        if map.get(&key).is_some_and(|c| c.id == conn_id) {
+            map.remove(&key);
+        }
+    }
+
+    /// The connection of an online device.
+    pub fn get(&self, phone: &PhoneNumber, device: DeviceId) -> Option<Arc<ConnShared>> {
+        Self::lock(self.shard(phone, device))
+            .get(&(phone.clone(), device))
+            .cloned()
+    }
+
+    /// Hands a durable envelope to its device's connection, if the device is online.
+    pub fn deliver(&self, env: QueuedEnvelope) {
+        if let Some(conn) = self.get(&env.phone, env.device_id) {
+            conn.deliver(Arc::new(env));
+        }
+    }
+
+    /// Sends an event to a device if it is online.
+    pub fn notify(&self, phone: &PhoneNumber, device: DeviceId, ev: ConnEvent) -> bool {
+        self.get(phone, device).is_some_and(|c| c.send(ev))
+    }
+
+    /// Disconnects a device that no longer belongs to its account.
+    pub fn kick(&self, phone: &PhoneNumber, device: DeviceId, reason: &str) {
+        let conn = Self::lock(self.shard(phone, device)).remove(&(phone.clone(), device));
+        if let Some(conn) = conn {
+            conn.send(ConnEvent::Kick(reason.to_owned()));
+        }
+    }
+
+    /// Devices online now.
+    pub fn online(&self) -> usize {
+        self.shards.iter().map(|s| Self::lock(s).len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(seq: u64) -> QueuedEnvelope {
+        let p = PhoneNumber::from_e164("+15550000001").unwrap();
+        QueuedEnvelope {
+            seq,
+            phone: p.clone(),
+            device_id: DeviceId::PRIMARY,
+            sender: p,
+            sender_device: DeviceId::PRIMARY,
+            message_id: natter_proto::MessageId::from_bytes([0; 16]),
+            server_ts_ms: 0,
+            olm_type: 1,
+            ciphertext: vec![],
+        }
+    }
+
+    #[test]
+    fn a_stuck_connection_gets_a_resync_mark_instead_of_unbounded_memory() {
+        let (conn, mut rx) = ConnShared::new(1);
+        for seq in 1..=(MAX_UNACKED_PUSHES as u64 + 10) {
+            conn.deliver(Arc::new(env(seq)));
+        }
+        let mut envelopes = 0;
+        let mut resyncs = 0;
+        while let Ok(ev) = rx.try_recv() {
+            match ev {
+                ConnEvent::Envelope(_) => envelopes += 1,
+                ConnEvent::Resync => resyncs += 1,
+                _ => {}
+            }
+        }
+        assert_eq!(envelopes, MAX_UNACKED_PUSHES);
+        assert_eq!(resyncs, 1);
+        assert_eq!(
+            conn.take_resync_mark(),
+            Some(MAX_UNACKED_PUSHES as u64 + 1)
+        );
+        assert_eq!(conn.take_resync_mark(), None);
+    }
+
+    #[test]
+    fn unregister_only_removes_the_same_connection() {
+        let r = Router::new();
+        let p = PhoneNumber::from_e164("+15550000001").unwrap();
+        let (a, _ra) = ConnShared::new(1);
+        let (b, _rb) = ConnShared::new(2);
+        assert!(r.register(&p, DeviceId::PRIMARY, a).is_none());
+        assert_eq!(r.register(&p, DeviceId::PRIMARY, b).unwrap().id, 1);
+        r.unregister(&p, DeviceId::PRIMARY, 1);
+        assert_eq!(r.online(), 1);
+        r.unregister(&p, DeviceId::PRIMARY, 2);
+        assert_eq!(r.online(), 0);
+    }
+}

@@ -1,0 +1,106 @@
+//! Request handlers: one module per request kind. Each takes the validated context of the connection and
+//! the request body and returns the response; none touches the socket.
+
+pub mod devices;
+pub mod keys;
+pub mod register;
+pub mod send;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use natter_proto::wire::{Error, ErrorCode, Request, Response, request, response};
+use natter_proto::{DeviceId, PhoneNumber};
+
+use crate::server::ServerState;
+use crate::store::StoreError;
+
+/// The device a connection is logged in as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Login {
+    /// Its account.
+    pub phone: PhoneNumber,
+    /// The device.
+    pub device: DeviceId,
+}
+
+/// What a handler knows about the connection a request came on.
+#[derive(Clone, Debug)]
+pub struct RequestCtx {
+    /// The server.
+    pub state: Arc<ServerState>,
+    /// The logged-in device, if any.
+    pub login: Option<Login>,
+    /// The client's address, for rate limits.
+    pub peer_ip: IpAddr,
+    /// The client's Noise static key, authenticated by the handshake.
+    pub remote_static: [u8; 32],
+}
+
+impl RequestCtx {
+    /// The logged-in device, or the error for an anonymous connection.
+    pub fn require_login(&self) -> Result<&Login, Error> {
+        self.login.as_ref().ok_or_else(|| {
+            Error::new(
+                ErrorCode::Unauthorized,
+                "this request needs a registered device: register first",
+            )
+        })
+    }
+}
+
+/// A successful response.
+pub fn ok_response(id: u64, body: response::Body) -> Response {
+    Response {
+        id,
+        error: None,
+        body: Some(body),
+    }
+}
+
+/// A failed response.
+pub fn error_response(id: u64, error: Error) -> Response {
+    Response {
+        id,
+        error: Some(error),
+        body: None,
+    }
+}
+
+/// A store failure as the client sees it: retryable, without internals.
+pub fn store_error(e: StoreError) -> Error {
+    tracing::warn!(error = %e, "store failure");
+    Error::new(
+        ErrorCode::Unavailable,
+        "the server could not complete the request; retry",
+    )
+}
+
+/// A malformed request.
+pub fn bad_request(what: impl std::fmt::Display) -> Error {
+    Error::new(ErrorCode::BadRequest, what.to_string())
+}
+
+/// Parses an E.164 number from the wire.
+pub fn parse_phone(s: &str) -> Result<PhoneNumber, Error> {
+    PhoneNumber::from_e164(s).map_err(|e| Error::new(ErrorCode::InvalidNumber, e.to_string()))
+}
+
+/// Runs one request (all kinds except `VerifyCode`, which the connection runs itself because it changes
+/// the connection's login).
+pub async fn handle(ctx: &RequestCtx, req: Request) -> Response {
+    let id = req.id;
+    let result = match req.body {
+        Some(request::Body::RequestCode(r)) => register::request_code(ctx, r).await,
+        Some(request::Body::VerifyCode(_)) => Err(bad_request("verify must run on the connection")),
+        Some(request::Body::UploadKeys(r)) => keys::upload_keys(ctx, r).await,
+        Some(request::Body::ClaimKeys(r)) => keys::claim_keys(ctx, r).await,
+        Some(request::Body::GetDevices(r)) => devices::get_devices(ctx, r).await,
+        Some(request::Body::SendMessage(r)) => send::send_message(ctx, r).await,
+        None => Err(bad_request("unknown request")),
+    };
+    match result {
+        Ok(body) => ok_response(id, body),
+        Err(e) => error_response(id, e),
+    }
+}

@@ -1,0 +1,138 @@
+//! `SendMessage`: a 1:1 message, one ciphertext per device. The device set must match the recipient's
+//! devices plus the sender's other devices exactly, so no device is ever skipped silently; the message is
+//! durable for every device before the sender hears "sent".
+
+use std::collections::BTreeSet;
+
+use natter_proto::wire::{
+    DeviceMessage, Error, ErrorCode, MismatchedDevices, SendMessage, Sent, response,
+};
+use natter_proto::{DeviceId, MessageId, PhoneNumber};
+
+use super::register::unknown_account;
+use super::{RequestCtx, bad_request, store_error};
+use crate::store::{EnqueueOutcome, NewEnvelope, NewMessage};
+
+/// Validates, stores and routes one message.
+pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::Body, Error> {
+    let login = ctx.require_login()?;
+    let recipient = super::parse_phone(&r.recipient)?;
+    let message_id =
+        MessageId::from_slice(&r.message_id).map_err(|e| bad_request(e.to_string()))?;
+    let store = &ctx.state.store;
+
+    let peer_devices: BTreeSet<DeviceId> = store
+        .list_devices(&recipient)
+        .await
+        .map_err(store_error)?
+        .into_iter()
+        .map(|d| d.device_id)
+        .collect();
+    if peer_devices.is_empty() {
+        return Err(unknown_account(&recipient));
+    }
+    let own_devices: BTreeSet<DeviceId> = if recipient == login.phone {
+        BTreeSet::new()
+    } else {
+        store
+            .list_devices(&login.phone)
+            .await
+            .map_err(store_error)?
+            .into_iter()
+            .map(|d| d.device_id)
+            .filter(|d| *d != login.device)
+            .collect()
+    };
+    // A note to self goes to the sender's other devices only.
+    let peer_devices: BTreeSet<DeviceId> = if recipient == login.phone {
+        peer_devices.into_iter().filter(|d| *d != login.device).collect()
+    } else {
+        peer_devices
+    };
+
+    let mut to_peer = BTreeSet::new();
+    let mut to_own = BTreeSet::new();
+    let mut envelopes = Vec::with_capacity(r.messages.len());
+    for m in r.messages {
+        let (phone, device) = check_device_message(&m)?;
+        let set = if phone == recipient {
+            &mut to_peer
+        } else if phone == login.phone {
+            &mut to_own
+        } else {
+            return Err(bad_request(
+                "a message may only go to the recipient's and the sender's devices",
+            ));
+        };
+        if !set.insert(device) {
+            return Err(bad_request("a device is addressed twice"));
+        }
+        envelopes.push(NewEnvelope {
+            phone,
+            device_id: device,
+            olm_type: m.olm_type,
+            ciphertext: m.ciphertext,
+        });
+    }
+    let mut mismatched = Vec::new();
+    for (phone, wanted, got) in [
+        (&recipient, &peer_devices, &to_peer),
+        (&login.phone, &own_devices, &to_own),
+    ] {
+        if wanted != got {
+            mismatched.push(MismatchedDevices {
+                phone: phone.as_str().to_owned(),
+                missing: wanted.difference(got).map(|d| d.get()).collect(),
+                extra: got.difference(wanted).map(|d| d.get()).collect(),
+            });
+        }
+    }
+    if !mismatched.is_empty() {
+        let mut e = Error::new(
+            ErrorCode::MismatchedDevices,
+            "the device lists changed: refresh them and encrypt again",
+        );
+        e.mismatched = mismatched;
+        return Err(e);
+    }
+
+    let now = crate::now_ms();
+    let outcome = store
+        .enqueue(NewMessage {
+            sender: login.phone.clone(),
+            sender_device: login.device,
+            message_id,
+            server_ts_ms: now,
+            expires_at_ms: now + ctx.state.config.envelope_retention.as_millis() as u64,
+            envelopes,
+        })
+        .await
+        .map_err(store_error)?;
+    match outcome {
+        EnqueueOutcome::Stored(queued) => {
+            for env in queued {
+                ctx.state.router.deliver(env);
+            }
+            Ok(response::Body::Sent(Sent {
+                server_ts_ms: now,
+                duplicate: false,
+            }))
+        }
+        EnqueueOutcome::Duplicate { server_ts_ms } => Ok(response::Body::Sent(Sent {
+            server_ts_ms,
+            duplicate: true,
+        })),
+    }
+}
+
+fn check_device_message(m: &DeviceMessage) -> Result<(PhoneNumber, DeviceId), Error> {
+    let phone = super::parse_phone(&m.phone)?;
+    let device = DeviceId::new(m.device_id).map_err(|e| bad_request(e.to_string()))?;
+    if m.olm_type > 1 {
+        return Err(bad_request("unknown Olm message type"));
+    }
+    if m.ciphertext.is_empty() {
+        return Err(Error::new(ErrorCode::BadRequest, "empty ciphertext"));
+    }
+    Ok((phone, device))
+}

@@ -1,0 +1,207 @@
+//! Starting and stopping natterd: opens the store and the server's Noise key in the data directory,
+//! binds the listener, runs the accept loop and the expiry task, and shuts all of it down on request.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use natter_proto::noise::StaticKeypair;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::ServerConfig;
+use crate::delivery::Router;
+use crate::registration::{Registration, gateway};
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory or key file could not be used.
+    #[error("{path}: {source}")]
+    Io {
+        /// Which path.
+        path: String,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The key file is damaged.
+    #[error("{0}: not a server key (expected 32 bytes)")]
+    BadKey(String),
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The SMS gateway specification is wrong.
+    #[error(transparent)]
+    Gateway(#[from] gateway::GatewayError),
+    /// Key generation failed.
+    #[error("key generation: {0}")]
+    Crypto(#[from] natter_proto::ProtoError),
+}
+
+/// Everything the connection drivers and handlers share.
+pub struct ServerState {
+    /// Durable state.
+    pub store: Arc<dyn Store>,
+    /// Online devices.
+    pub router: Router,
+    /// Registration codes and their limits.
+    pub registration: Registration,
+    /// The server's Noise static key, which clients pin.
+    pub noise_key: StaticKeypair,
+    /// The configuration it runs with.
+    pub config: ServerConfig,
+    next_conn_id: AtomicU64,
+}
+
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState")
+            .field("noise_key", &self.noise_key)
+            .field("online", &self.router.online())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerState {
+    /// A fresh connection id.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    state: Arc<ServerState>,
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    accept: JoinHandle<()>,
+    expiry: JoinHandle<()>,
+}
+
+/// Loads the server's Noise key from the data directory, creating it on first start.
+fn load_or_create_key(dir: &Path) -> Result<StaticKeypair, StartError> {
+    let path = dir.join("server.key");
+    let io = |source| StartError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let private: [u8; 32] = bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| StartError::BadKey(path.display().to_string()))?;
+            Ok(StaticKeypair::from_private(private))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let kp = StaticKeypair::generate()?;
+            let tmp = dir.join("server.key.tmp");
+            write_private(&tmp, kp.private()).map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            Ok(kp)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+impl Server {
+    /// Opens the data directory, binds `config.listen` and starts serving.
+    pub async fn start(config: ServerConfig) -> Result<Server, StartError> {
+        let dir = config.data_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|source| StartError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let noise_key = load_or_create_key(&dir)?;
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("natter.db")).await?);
+        let gateway = gateway::from_spec(&config.sms_gateway)?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Io {
+                path: config.listen.to_string(),
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Io {
+            path: config.listen.to_string(),
+            source,
+        })?;
+        let state = Arc::new(ServerState {
+            store,
+            router: Router::new(),
+            registration: Registration::new(gateway, config.registration.clone()),
+            noise_key,
+            config,
+            next_conn_id: AtomicU64::new(1),
+        });
+        let (shutdown, rx) = watch::channel(false);
+        let accept = tokio::spawn(crate::transport::run(state.clone(), listener, rx.clone()));
+        let expiry = tokio::spawn(expire_periodically(state.clone(), rx));
+        tracing::info!(addr = %local_addr, key = %hex::encode(state.noise_key.public()), "natterd listening");
+        Ok(Server {
+            state,
+            local_addr,
+            shutdown,
+            accept,
+            expiry,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The server's Noise public key, which clients pin.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.state.noise_key.public()
+    }
+
+    /// Shared state, for tests and tools.
+    pub fn state(&self) -> &Arc<ServerState> {
+        &self.state
+    }
+
+    /// Stops accepting, closes every connection and waits for the tasks to end. Everything acknowledged
+    /// is already durable, so nothing is flushed here.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.accept.await;
+        let _ = self.expiry.await;
+    }
+}
+
+async fn expire_periodically(state: Arc<ServerState>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(state.config.expiry_interval);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {
+                match state.store.expire(crate::now_ms()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(envelopes = n, "expired undelivered envelopes"),
+                    Err(e) => tracing::warn!(error = %e, "expiry failed"),
+                }
+            }
+        }
+    }
+}
