@@ -1,0 +1,371 @@
+//! [`MemoryStore`]: the reference [`Store`], plain maps behind one mutex. Used by tests and by
+//! `natterd --store memory`; nothing survives a restart.
+//!
+//! Its behaviour is the contract every backend follows (the conformance suite in [`super::tests`] runs
+//! against each of them). Beyond what the trait's docs say:
+//! - Whatever would store data for a device that does not exist (`touch_device`, `add_one_time_keys`,
+//!   `set_fallback_key`, an `enqueue` with a missing recipient) fails with [`StoreError::NoSuchDevice`]
+//!   and changes nothing. Whatever only reads or removes finds nothing: `count_one_time_keys` is 0,
+//!   `claim_prekey` is `None`, `list_devices` and `load_queue` are empty, `ack` ignores the ids.
+//! - `enqueue` reports a duplicate before it checks the recipients.
+//! - `add_code_attempt` with no pending code counts nothing and returns 0.
+//! - `create_account` files the primary device under the account's number (`new.account.phone`).
+//! - `expire(now)` removes what has `expires_at_ms <= now`.
+//! - A `u64` the store keeps (times, versions) must be at most `i64::MAX`, the SQL integer range; a larger
+//!   one is rejected with [`StoreError::Backend`] before anything is written.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use natter_proto::{DeviceId, MessageId, PhoneNumber};
+
+use super::{
+    AccountRecord, ClaimedPreKey, CodeRecord, DeviceRecord, EnqueueOutcome, NewAccount, NewMessage,
+    PreKeyRecord, QueuedEnvelope, Store, StoreError, StoreResult,
+};
+
+/// A `u64` too large for the store (stored values must fit an SQL integer, i.e. `i64`).
+#[derive(Debug, thiserror::Error)]
+#[error("{field} = {value} is out of range (at most i64::MAX)")]
+pub(super) struct OutOfRange {
+    field: &'static str,
+    value: u64,
+}
+
+/// Checks that a `u64` the store keeps fits an SQL integer, and converts it. Shared by every backend so
+/// they reject the same inputs.
+pub(super) fn checked_i64(field: &'static str, value: u64) -> StoreResult<i64> {
+    i64::try_from(value).map_err(|_| StoreError::Backend(Box::new(OutOfRange { field, value })))
+}
+
+/// The mutex was poisoned: a thread panicked while changing the maps, which may be half updated.
+#[derive(Debug, thiserror::Error)]
+#[error("memory store poisoned by a panic")]
+struct Poisoned;
+
+/// The in-memory store. Cheap to create; clone an `Arc` of it to share.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    codes: HashMap<PhoneNumber, CodeRecord>,
+    accounts: HashMap<PhoneNumber, AccountRecord>,
+    /// Devices per account, ordered by id. An entry exists exactly when the account does.
+    devices: HashMap<PhoneNumber, BTreeMap<DeviceId, DeviceState>>,
+    /// Idempotency records of accepted messages.
+    message_ids: HashMap<(PhoneNumber, DeviceId, MessageId), Accepted>,
+    /// The last queue id handed out (ids start at 1 and are never reused).
+    last_seq: u64,
+}
+
+#[derive(Debug)]
+struct DeviceState {
+    record: DeviceRecord,
+    /// Unclaimed one-time keys, oldest first.
+    one_time: VecDeque<PreKeyRecord>,
+    fallback: Option<PreKeyRecord>,
+    /// The device's queue by seq.
+    queue: BTreeMap<u64, Queued>,
+}
+
+#[derive(Debug)]
+struct Queued {
+    envelope: QueuedEnvelope,
+    expires_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Accepted {
+    server_ts_ms: u64,
+    expires_at_ms: u64,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> StoreResult<MutexGuard<'_, Inner>> {
+        self.inner
+            .lock()
+            .map_err(|_| StoreError::Backend(Box::new(Poisoned)))
+    }
+}
+
+impl Inner {
+    fn device_mut(
+        &mut self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+    ) -> StoreResult<&mut DeviceState> {
+        self.devices
+            .get_mut(phone)
+            .and_then(|devices| devices.get_mut(&device_id))
+            .ok_or(StoreError::NoSuchDevice)
+    }
+
+    fn device(&self, phone: &PhoneNumber, device_id: DeviceId) -> Option<&DeviceState> {
+        self.devices
+            .get(phone)
+            .and_then(|devices| devices.get(&device_id))
+    }
+}
+
+fn count_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn save_code(&self, code: &CodeRecord) -> StoreResult<()> {
+        checked_i64("sent_at_ms", code.sent_at_ms)?;
+        checked_i64("expires_at_ms", code.expires_at_ms)?;
+        self.lock()?.codes.insert(code.phone.clone(), code.clone());
+        Ok(())
+    }
+
+    async fn get_code(&self, phone: &PhoneNumber) -> StoreResult<Option<CodeRecord>> {
+        Ok(self.lock()?.codes.get(phone).cloned())
+    }
+
+    async fn add_code_attempt(&self, phone: &PhoneNumber) -> StoreResult<u32> {
+        let mut inner = self.lock()?;
+        Ok(match inner.codes.get_mut(phone) {
+            Some(code) => {
+                code.attempts = code.attempts.saturating_add(1);
+                code.attempts
+            }
+            None => 0,
+        })
+    }
+
+    async fn remove_code(&self, phone: &PhoneNumber) -> StoreResult<()> {
+        self.lock()?.codes.remove(phone);
+        Ok(())
+    }
+
+    async fn create_account(&self, new: &NewAccount) -> StoreResult<Vec<DeviceId>> {
+        checked_i64("device_list_version", new.account.device_list_version)?;
+        checked_i64("created_at_ms", new.account.created_at_ms)?;
+        checked_i64("last_seen_ms", new.primary.last_seen_ms)?;
+        let phone = new.account.phone.clone();
+        let primary = DeviceState {
+            record: DeviceRecord {
+                phone: phone.clone(),
+                ..new.primary.clone()
+            },
+            one_time: VecDeque::new(),
+            fallback: None,
+            queue: BTreeMap::new(),
+        };
+        let mut inner = self.lock()?;
+        let removed = inner
+            .devices
+            .insert(
+                phone.clone(),
+                BTreeMap::from([(primary.record.device_id, primary)]),
+            )
+            .map(|old| old.into_keys().collect())
+            .unwrap_or_default();
+        inner.accounts.insert(phone, new.account.clone());
+        Ok(removed)
+    }
+
+    async fn get_account(&self, phone: &PhoneNumber) -> StoreResult<Option<AccountRecord>> {
+        Ok(self.lock()?.accounts.get(phone).cloned())
+    }
+
+    async fn get_device(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+    ) -> StoreResult<Option<DeviceRecord>> {
+        Ok(self
+            .lock()?
+            .device(phone, device_id)
+            .map(|d| d.record.clone()))
+    }
+
+    async fn list_devices(&self, phone: &PhoneNumber) -> StoreResult<Vec<DeviceRecord>> {
+        Ok(self
+            .lock()?
+            .devices
+            .get(phone)
+            .map(|devices| devices.values().map(|d| d.record.clone()).collect())
+            .unwrap_or_default())
+    }
+
+    async fn touch_device(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+        now_ms: u64,
+    ) -> StoreResult<()> {
+        checked_i64("now_ms", now_ms)?;
+        self.lock()?
+            .device_mut(phone, device_id)?
+            .record
+            .last_seen_ms = now_ms;
+        Ok(())
+    }
+
+    async fn add_one_time_keys(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+        keys: &[PreKeyRecord],
+    ) -> StoreResult<u32> {
+        let mut inner = self.lock()?;
+        let device = inner.device_mut(phone, device_id)?;
+        for key in keys {
+            if !device.one_time.iter().any(|k| k.key_id == key.key_id) {
+                device.one_time.push_back(key.clone());
+            }
+        }
+        Ok(count_u32(device.one_time.len()))
+    }
+
+    async fn set_fallback_key(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+        key: &PreKeyRecord,
+    ) -> StoreResult<()> {
+        self.lock()?.device_mut(phone, device_id)?.fallback = Some(key.clone());
+        Ok(())
+    }
+
+    async fn count_one_time_keys(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+    ) -> StoreResult<u32> {
+        let inner = self.lock()?;
+        Ok(inner
+            .device(phone, device_id)
+            .map_or(0, |d| count_u32(d.one_time.len())))
+    }
+
+    async fn claim_prekey(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+    ) -> StoreResult<Option<ClaimedPreKey>> {
+        let mut inner = self.lock()?;
+        let Ok(device) = inner.device_mut(phone, device_id) else {
+            return Ok(None);
+        };
+        if let Some(prekey) = device.one_time.pop_front() {
+            return Ok(Some(ClaimedPreKey {
+                prekey,
+                fallback: false,
+                remaining: count_u32(device.one_time.len()),
+            }));
+        }
+        Ok(device.fallback.clone().map(|prekey| ClaimedPreKey {
+            prekey,
+            fallback: true,
+            remaining: 0,
+        }))
+    }
+
+    async fn enqueue(&self, msg: NewMessage) -> StoreResult<EnqueueOutcome> {
+        checked_i64("server_ts_ms", msg.server_ts_ms)?;
+        checked_i64("expires_at_ms", msg.expires_at_ms)?;
+        let mut inner = self.lock()?;
+        let key = (msg.sender.clone(), msg.sender_device, msg.message_id);
+        if let Some(first) = inner.message_ids.get(&key) {
+            return Ok(EnqueueOutcome::Duplicate {
+                server_ts_ms: first.server_ts_ms,
+            });
+        }
+        // All or nothing: check every recipient before storing anything.
+        if msg
+            .envelopes
+            .iter()
+            .any(|e| inner.device(&e.phone, e.device_id).is_none())
+        {
+            return Err(StoreError::NoSuchDevice);
+        }
+        let mut stored = Vec::with_capacity(msg.envelopes.len());
+        for env in msg.envelopes {
+            inner.last_seq += 1;
+            let seq = inner.last_seq;
+            let envelope = QueuedEnvelope {
+                seq,
+                phone: env.phone,
+                device_id: env.device_id,
+                sender: msg.sender.clone(),
+                sender_device: msg.sender_device,
+                message_id: msg.message_id,
+                server_ts_ms: msg.server_ts_ms,
+                olm_type: env.olm_type,
+                ciphertext: env.ciphertext,
+            };
+            let device = inner.device_mut(&envelope.phone, envelope.device_id)?;
+            device.queue.insert(
+                seq,
+                Queued {
+                    envelope: envelope.clone(),
+                    expires_at_ms: msg.expires_at_ms,
+                },
+            );
+            stored.push(envelope);
+        }
+        inner.message_ids.insert(
+            key,
+            Accepted {
+                server_ts_ms: msg.server_ts_ms,
+                expires_at_ms: msg.expires_at_ms,
+            },
+        );
+        Ok(EnqueueOutcome::Stored(stored))
+    }
+
+    async fn load_queue(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<QueuedEnvelope>> {
+        let inner = self.lock()?;
+        let Some(device) = inner.device(phone, device_id) else {
+            return Ok(Vec::new());
+        };
+        Ok(device
+            .queue
+            .range((Bound::Excluded(after_seq), Bound::Unbounded))
+            .take(limit)
+            .map(|(_, q)| q.envelope.clone())
+            .collect())
+    }
+
+    async fn ack(&self, phone: &PhoneNumber, device_id: DeviceId, seqs: &[u64]) -> StoreResult<()> {
+        let mut inner = self.lock()?;
+        if let Ok(device) = inner.device_mut(phone, device_id) {
+            for seq in seqs {
+                device.queue.remove(seq);
+            }
+        }
+        Ok(())
+    }
+
+    async fn expire(&self, now_ms: u64) -> StoreResult<u64> {
+        let mut inner = self.lock()?;
+        let mut removed = 0u64;
+        for device in inner.devices.values_mut().flat_map(|d| d.values_mut()) {
+            let before = device.queue.len();
+            device.queue.retain(|_, q| q.expires_at_ms > now_ms);
+            removed += (before - device.queue.len()) as u64;
+        }
+        inner.message_ids.retain(|_, a| a.expires_at_ms > now_ms);
+        Ok(removed)
+    }
+}

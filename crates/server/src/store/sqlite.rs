@@ -1,0 +1,1029 @@
+//! [`SqliteStore`]: the embedded default [`Store`], one SQLite file in WAL mode.
+//!
+//! Reads go to a small pool of read-only connections. Every write goes to one background writer task
+//! that owns the only writing connection: it takes every write command waiting (up to [`MAX_BATCH`]),
+//! runs them in one transaction, each inside its own savepoint so a failing command is rolled back alone,
+//! commits once (one fsync for the whole batch: group commit, with `synchronous=FULL` so a commit is
+//! durable) and only then answers each caller. Semantics follow [`super::memory`], the reference.
+//!
+//! The schema lives in `migrations/sqlite/NNN_*.sql`; see `migrations/NOTES.md` for the pitfalls.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use natter_proto::{DeviceId, MessageId, PhoneNumber};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{Connection, Executor};
+use tokio::sync::{mpsc, oneshot};
+
+use super::memory::checked_i64;
+use super::{
+    AccountRecord, ClaimedPreKey, CodeRecord, DeviceRecord, EnqueueOutcome, NewAccount, NewMessage,
+    PreKeyRecord, QueuedEnvelope, Store, StoreError, StoreResult,
+};
+
+/// Most write commands the writer runs in one transaction.
+pub const MAX_BATCH: usize = 512;
+/// Read connections in the pool.
+const READERS: u32 = 4;
+/// Write commands that may wait for the writer before callers wait to send.
+const QUEUE_DEPTH: usize = 4096;
+/// How long a connection waits for a lock held by another process before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The migrations, in order: (version, SQL). Each runs once, in its own transaction.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/001_initial.sql"))];
+
+/// The SQLite store. Cloning is cheap and shares the pool and the writer; the writer task stops when the
+/// last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    path: PathBuf,
+    pool: SqlitePool,
+    writer: mpsc::Sender<Job>,
+    commits: Arc<AtomicU64>,
+}
+
+/// Failures of the write path itself (not of one command).
+#[derive(Debug, thiserror::Error)]
+enum WriterError {
+    #[error("the store's writer task has stopped")]
+    Gone,
+    #[error("could not begin a write transaction: {0}")]
+    Begin(String),
+    #[error("write transaction aborted by another command of its batch: {0}")]
+    Aborted(String),
+    #[error("commit failed: {0}")]
+    Commit(String),
+    #[error("internal error: the writer answered with the wrong kind of result")]
+    Mismatch,
+}
+
+/// The database was written by a newer natterd.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "database schema version {found} is newer than this natterd knows ({known}); upgrade natterd"
+)]
+struct SchemaTooNew {
+    found: i64,
+    known: i64,
+}
+
+fn writer_error(e: WriterError) -> StoreError {
+    StoreError::Backend(Box::new(e))
+}
+
+/// Maps an sqlx error: decoding failures mean a bad row, everything else is the backend's.
+fn db(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            StoreError::Corrupt(e.to_string())
+        }
+        e => StoreError::Backend(Box::new(e)),
+    }
+}
+
+/// Like [`db`], but a foreign-key violation (a row for a device that does not exist) is `NoSuchDevice`.
+fn db_device(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_foreign_key_violation() => StoreError::NoSuchDevice,
+        _ => db(e),
+    }
+}
+
+// ---- row decoding ----
+
+fn dec_phone(s: &str) -> StoreResult<PhoneNumber> {
+    PhoneNumber::from_e164(s).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn dec_device(v: i64) -> StoreResult<DeviceId> {
+    u32::try_from(v)
+        .ok()
+        .and_then(|v| DeviceId::new(v).ok())
+        .ok_or_else(|| StoreError::Corrupt(format!("invalid device id {v}")))
+}
+
+fn dec_key(what: &str, bytes: Vec<u8>) -> StoreResult<[u8; 32]> {
+    let len = bytes.len();
+    <[u8; 32]>::try_from(bytes)
+        .map_err(|_| StoreError::Corrupt(format!("{what}: {len} bytes, expected 32")))
+}
+
+fn dec_message_id(bytes: &[u8]) -> StoreResult<MessageId> {
+    MessageId::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn dec_u64(what: &str, v: i64) -> StoreResult<u64> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what}: negative value {v}")))
+}
+
+fn dec_u32(what: &str, v: i64) -> StoreResult<u32> {
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what}: {v} out of range")))
+}
+
+fn dev(d: DeviceId) -> i64 {
+    i64::from(d.get())
+}
+
+/// A count as the API reports it (saturating).
+fn count_u32(n: i64) -> u32 {
+    u32::try_from(n.max(0)).unwrap_or(u32::MAX)
+}
+
+type CodeRow = (String, Vec<u8>, i64, i64, i64);
+type AccountRow = (String, Vec<u8>, Vec<u8>, i64, i64);
+type DeviceRow = (String, i64, Vec<u8>, Vec<u8>, i64);
+type KeyRow = (String, Vec<u8>, Vec<u8>);
+type QueueRow = (i64, String, i64, Vec<u8>, i64, i64, Vec<u8>);
+
+fn code_from_row((phone, hash, sent, expires, attempts): CodeRow) -> StoreResult<CodeRecord> {
+    Ok(CodeRecord {
+        phone: dec_phone(&phone)?,
+        code_hash: dec_key("code_hash", hash)?,
+        sent_at_ms: dec_u64("sent_at_ms", sent)?,
+        expires_at_ms: dec_u64("expires_at_ms", expires)?,
+        attempts: dec_u32("attempts", attempts)?,
+    })
+}
+
+fn account_from_row(
+    (phone, key, list, version, created): AccountRow,
+) -> StoreResult<AccountRecord> {
+    Ok(AccountRecord {
+        phone: dec_phone(&phone)?,
+        account_key: dec_key("account_key", key)?,
+        device_list: list,
+        device_list_version: dec_u64("device_list_version", version)?,
+        created_at_ms: dec_u64("created_at_ms", created)?,
+    })
+}
+
+fn device_from_row((phone, id, noise, ed, seen): DeviceRow) -> StoreResult<DeviceRecord> {
+    Ok(DeviceRecord {
+        phone: dec_phone(&phone)?,
+        device_id: dec_device(id)?,
+        noise_key: dec_key("noise_key", noise)?,
+        identity_ed: dec_key("identity_ed", ed)?,
+        last_seen_ms: dec_u64("last_seen_ms", seen)?,
+    })
+}
+
+fn prekey_from_row((key_id, key, signature): KeyRow) -> StoreResult<PreKeyRecord> {
+    Ok(PreKeyRecord {
+        key_id,
+        key: dec_key("prekey", key)?,
+        signature,
+    })
+}
+
+impl SqliteStore {
+    /// Opens (creating it if missing) the database at `path`, applies pending migrations and starts the
+    /// writer task. Must be called inside a Tokio runtime.
+    pub async fn open(path: &Path) -> StoreResult<SqliteStore> {
+        let base = SqliteConnectOptions::new()
+            .filename(path)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+
+        let mut writer = SqliteConnection::connect_with(&base.clone().create_if_missing(true))
+            .await
+            .map_err(db)?;
+        migrate(&mut writer).await?;
+
+        let pool = SqlitePoolOptions::new()
+            .max_connections(READERS)
+            .min_connections(0)
+            .connect_with(base.pragma("query_only", "ON"))
+            .await
+            .map_err(db)?;
+
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let commits = Arc::new(AtomicU64::new(0));
+        tokio::spawn(writer_task(writer, rx, Arc::clone(&commits)));
+        Ok(SqliteStore {
+            path: path.to_owned(),
+            pool,
+            writer: tx,
+            commits,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Write transactions committed since [`SqliteStore::open`] (one per group-commit batch).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Sends a write command to the writer task and waits until it is committed (or failed).
+    async fn write(&self, op: Op) -> StoreResult<Done> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(Job { op, reply })
+            .await
+            .map_err(|_| writer_error(WriterError::Gone))?;
+        answer.await.map_err(|_| writer_error(WriterError::Gone))?
+    }
+}
+
+// ---- migrations ----
+
+async fn migrate(conn: &mut SqliteConnection) -> StoreResult<()> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL PRIMARY KEY, \
+         applied_at_ms INTEGER NOT NULL) STRICT",
+    )
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    let known = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+    for &(version, sql) in MIGRATIONS {
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+        let applied = apply_migration(conn, version, sql, known).await;
+        let end = if applied.is_ok() {
+            "COMMIT"
+        } else {
+            "ROLLBACK"
+        };
+        let ended = sqlx::query(end).execute(&mut *conn).await.map_err(db);
+        applied?;
+        ended?;
+    }
+    Ok(())
+}
+
+/// Applies one migration inside the caller's transaction, unless the database already has it. The version
+/// is read inside the transaction so two processes opening a new file at once do not both apply it.
+async fn apply_migration(
+    conn: &mut SqliteConnection,
+    version: i64,
+    sql: &'static str,
+    known: i64,
+) -> StoreResult<()> {
+    let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+    let current = current.unwrap_or(0);
+    if current > known {
+        return Err(StoreError::Backend(Box::new(SchemaTooNew {
+            found: current,
+            known,
+        })));
+    }
+    if current >= version {
+        return Ok(());
+    }
+    sqlx::raw_sql(sql).execute(&mut *conn).await.map_err(db)?;
+    sqlx::query("INSERT INTO schema_version (version, applied_at_ms) VALUES (?1, ?2)")
+        .bind(version)
+        .bind(now_ms())
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+// ---- the writer ----
+
+/// A write command and where its result goes.
+struct Job {
+    op: Op,
+    reply: oneshot::Sender<StoreResult<Done>>,
+}
+
+/// The write commands, one per writing method of [`Store`].
+enum Op {
+    SaveCode(CodeRecord),
+    AddCodeAttempt(PhoneNumber),
+    RemoveCode(PhoneNumber),
+    CreateAccount(NewAccount),
+    TouchDevice(PhoneNumber, DeviceId, u64),
+    AddOneTimeKeys(PhoneNumber, DeviceId, Vec<PreKeyRecord>),
+    SetFallbackKey(PhoneNumber, DeviceId, PreKeyRecord),
+    ClaimPrekey(PhoneNumber, DeviceId),
+    Enqueue(NewMessage),
+    Ack(PhoneNumber, DeviceId, Vec<u64>),
+    Expire(u64),
+}
+
+/// A write command's result.
+enum Done {
+    Unit,
+    Count(u32),
+    Removed(Vec<DeviceId>),
+    Claimed(Option<ClaimedPreKey>),
+    Enqueued(EnqueueOutcome),
+    Expired(u64),
+}
+
+/// The writer task: group commit until every sender is gone.
+async fn writer_task(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::Receiver<Job>,
+    commits: Arc<AtomicU64>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        run_batch(&mut conn, batch.drain(..).collect(), &commits).await;
+    }
+    if let Err(e) = conn.close().await {
+        tracing::warn!(error = %e, "closing the SQLite writer connection");
+    }
+}
+
+async fn exec(conn: &mut SqliteConnection, sql: &'static str) -> Result<(), sqlx::Error> {
+    conn.execute(sqlx::query(sql)).await.map(|_| ())
+}
+
+/// Runs a batch of commands in one transaction (more if a failure aborts the transaction), each in its
+/// own savepoint, then commits and answers every caller.
+async fn run_batch(conn: &mut SqliteConnection, jobs: VecDeque<Job>, commits: &AtomicU64) {
+    let mut pending = jobs;
+    while !pending.is_empty() {
+        if let Err(e) = exec(conn, "BEGIN IMMEDIATE").await {
+            let reason = e.to_string();
+            tracing::error!(error = %reason, "SQLite writer cannot begin a transaction");
+            // In case a transaction was left open (a failed ROLLBACK), so the next batch starts clean.
+            let _ = exec(conn, "ROLLBACK").await;
+            for job in pending.drain(..) {
+                let _ = job
+                    .reply
+                    .send(Err(writer_error(WriterError::Begin(reason.clone()))));
+            }
+            return;
+        }
+        let mut done: Vec<(oneshot::Sender<StoreResult<Done>>, StoreResult<Done>)> =
+            Vec::with_capacity(pending.len());
+        let mut aborted = None;
+        while let Some(job) = pending.pop_front() {
+            let result = run_in_savepoint(conn, &job.op).await;
+            match result {
+                Ok(result) => done.push((job.reply, result)),
+                Err((result, reason)) => {
+                    // The transaction is gone (SQLite rolls back on some errors, e.g. disk full): this
+                    // command keeps its own error, the earlier ones of the transaction were undone.
+                    let _ = job.reply.send(
+                        result
+                            .and_then(|_| Err(writer_error(WriterError::Aborted(reason.clone())))),
+                    );
+                    aborted = Some(reason);
+                    break;
+                }
+            }
+        }
+        if let Some(reason) = aborted {
+            tracing::error!(error = %reason, "SQLite write transaction aborted");
+            let _ = exec(conn, "ROLLBACK").await;
+            for (reply, _) in done {
+                let _ = reply.send(Err(writer_error(WriterError::Aborted(reason.clone()))));
+            }
+            continue; // the commands not run yet get a fresh transaction
+        }
+        match exec(conn, "COMMIT").await {
+            Ok(()) => {
+                commits.fetch_add(1, Ordering::Relaxed);
+                for (reply, result) in done {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                tracing::error!(error = %reason, "SQLite commit failed");
+                let _ = exec(conn, "ROLLBACK").await;
+                for (reply, _) in done {
+                    let _ = reply.send(Err(writer_error(WriterError::Commit(reason.clone()))));
+                }
+            }
+        }
+    }
+}
+
+/// Runs one command inside a savepoint: released on success, rolled back on failure. `Err` carries the
+/// command's result and the reason when the savepoint itself failed (the transaction is unusable).
+async fn run_in_savepoint(
+    conn: &mut SqliteConnection,
+    op: &Op,
+) -> Result<StoreResult<Done>, (StoreResult<Done>, String)> {
+    if let Err(e) = exec(conn, "SAVEPOINT cmd").await {
+        let reason = e.to_string();
+        return Err((
+            Err(writer_error(WriterError::Aborted(reason.clone()))),
+            reason,
+        ));
+    }
+    let result = op.run(conn).await;
+    let closed = match &result {
+        Ok(_) => exec(conn, "RELEASE cmd").await,
+        Err(_) => match exec(conn, "ROLLBACK TO cmd").await {
+            Ok(()) => exec(conn, "RELEASE cmd").await,
+            Err(e) => Err(e),
+        },
+    };
+    match closed {
+        Ok(()) => Ok(result),
+        Err(e) => Err((result, e.to_string())),
+    }
+}
+
+impl Op {
+    async fn run(&self, conn: &mut SqliteConnection) -> StoreResult<Done> {
+        match self {
+            Op::SaveCode(code) => save_code(conn, code).await.map(|()| Done::Unit),
+            Op::AddCodeAttempt(phone) => add_code_attempt(conn, phone).await.map(Done::Count),
+            Op::RemoveCode(phone) => {
+                sqlx::query("DELETE FROM codes WHERE phone = ?1")
+                    .bind(phone.as_str())
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db)?;
+                Ok(Done::Unit)
+            }
+            Op::CreateAccount(new) => create_account(conn, new).await.map(Done::Removed),
+            Op::TouchDevice(phone, device_id, now_ms) => {
+                let now = checked_i64("now_ms", *now_ms)?;
+                let res = sqlx::query(
+                    "UPDATE devices SET last_seen_ms = ?3 WHERE phone = ?1 AND device_id = ?2",
+                )
+                .bind(phone.as_str())
+                .bind(dev(*device_id))
+                .bind(now)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+                if res.rows_affected() == 0 {
+                    return Err(StoreError::NoSuchDevice);
+                }
+                Ok(Done::Unit)
+            }
+            Op::AddOneTimeKeys(phone, device_id, keys) => {
+                add_one_time_keys(conn, phone, *device_id, keys)
+                    .await
+                    .map(Done::Count)
+            }
+            Op::SetFallbackKey(phone, device_id, key) => {
+                require_device(conn, phone, *device_id).await?;
+                sqlx::query(
+                    "INSERT INTO fallback_keys (phone, device_id, key_id, key, signature) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (phone, device_id) DO UPDATE SET \
+                     key_id = excluded.key_id, key = excluded.key, signature = excluded.signature",
+                )
+                .bind(phone.as_str())
+                .bind(dev(*device_id))
+                .bind(key.key_id.as_str())
+                .bind(key.key.as_slice())
+                .bind(key.signature.as_slice())
+                .execute(&mut *conn)
+                .await
+                .map_err(db_device)?;
+                Ok(Done::Unit)
+            }
+            Op::ClaimPrekey(phone, device_id) => claim_prekey(conn, phone, *device_id)
+                .await
+                .map(Done::Claimed),
+            Op::Enqueue(msg) => enqueue(conn, msg).await.map(Done::Enqueued),
+            Op::Ack(phone, device_id, seqs) => {
+                for &seq in seqs {
+                    let Ok(seq) = i64::try_from(seq) else {
+                        continue; // never handed out
+                    };
+                    sqlx::query(
+                        "DELETE FROM queue WHERE seq = ?1 AND phone = ?2 AND device_id = ?3",
+                    )
+                    .bind(seq)
+                    .bind(phone.as_str())
+                    .bind(dev(*device_id))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db)?;
+                }
+                Ok(Done::Unit)
+            }
+            Op::Expire(now_ms) => {
+                let now = i64::try_from(*now_ms).unwrap_or(i64::MAX);
+                let gone = sqlx::query("DELETE FROM queue WHERE expires_at_ms <= ?1")
+                    .bind(now)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db)?
+                    .rows_affected();
+                sqlx::query("DELETE FROM message_ids WHERE expires_at_ms <= ?1")
+                    .bind(now)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db)?;
+                Ok(Done::Expired(gone))
+            }
+        }
+    }
+}
+
+async fn require_device(
+    conn: &mut SqliteConnection,
+    phone: &PhoneNumber,
+    device_id: DeviceId,
+) -> StoreResult<()> {
+    let found: Option<i64> =
+        sqlx::query_scalar("SELECT 1 FROM devices WHERE phone = ?1 AND device_id = ?2")
+            .bind(phone.as_str())
+            .bind(dev(device_id))
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?;
+    found.map(|_| ()).ok_or(StoreError::NoSuchDevice)
+}
+
+async fn count_keys(
+    conn: &mut SqliteConnection,
+    phone: &PhoneNumber,
+    device_id: DeviceId,
+) -> StoreResult<u32> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM one_time_keys WHERE phone = ?1 AND device_id = ?2",
+    )
+    .bind(phone.as_str())
+    .bind(dev(device_id))
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(count_u32(n))
+}
+
+async fn save_code(conn: &mut SqliteConnection, code: &CodeRecord) -> StoreResult<()> {
+    let sent = checked_i64("sent_at_ms", code.sent_at_ms)?;
+    let expires = checked_i64("expires_at_ms", code.expires_at_ms)?;
+    sqlx::query(
+        "INSERT OR REPLACE INTO codes (phone, code_hash, sent_at_ms, expires_at_ms, attempts) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .bind(code.phone.as_str())
+    .bind(code.code_hash.as_slice())
+    .bind(sent)
+    .bind(expires)
+    .bind(i64::from(code.attempts))
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+async fn add_code_attempt(conn: &mut SqliteConnection, phone: &PhoneNumber) -> StoreResult<u32> {
+    let attempts: Option<i64> = sqlx::query_scalar(
+        "UPDATE codes SET attempts = MIN(attempts + 1, 4294967295) WHERE phone = ?1 \
+         RETURNING attempts",
+    )
+    .bind(phone.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?;
+    attempts.map_or(Ok(0), |n| dec_u32("attempts", n))
+}
+
+async fn create_account(
+    conn: &mut SqliteConnection,
+    new: &NewAccount,
+) -> StoreResult<Vec<DeviceId>> {
+    let version = checked_i64("device_list_version", new.account.device_list_version)?;
+    let created = checked_i64("created_at_ms", new.account.created_at_ms)?;
+    let seen = checked_i64("last_seen_ms", new.primary.last_seen_ms)?;
+    let phone = new.account.phone.as_str();
+
+    let old: Vec<i64> =
+        sqlx::query_scalar("SELECT device_id FROM devices WHERE phone = ?1 ORDER BY device_id")
+            .bind(phone)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db)?;
+    let removed = old
+        .into_iter()
+        .map(dec_device)
+        .collect::<StoreResult<Vec<_>>>()?;
+    // Explicit deletes (the foreign keys would cascade, but this does not depend on the pragma).
+    for sql in [
+        "DELETE FROM queue WHERE phone = ?1",
+        "DELETE FROM one_time_keys WHERE phone = ?1",
+        "DELETE FROM fallback_keys WHERE phone = ?1",
+        "DELETE FROM devices WHERE phone = ?1",
+        "DELETE FROM accounts WHERE phone = ?1",
+    ] {
+        sqlx::query(sql)
+            .bind(phone)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+    }
+    sqlx::query(
+        "INSERT INTO accounts (phone, account_key, device_list, device_list_version, created_at_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .bind(phone)
+    .bind(new.account.account_key.as_slice())
+    .bind(new.account.device_list.as_slice())
+    .bind(version)
+    .bind(created)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    sqlx::query(
+        "INSERT INTO devices (phone, device_id, noise_key, identity_ed, last_seen_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .bind(phone)
+    .bind(dev(new.primary.device_id))
+    .bind(new.primary.noise_key.as_slice())
+    .bind(new.primary.identity_ed.as_slice())
+    .bind(seen)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(removed)
+}
+
+async fn add_one_time_keys(
+    conn: &mut SqliteConnection,
+    phone: &PhoneNumber,
+    device_id: DeviceId,
+    keys: &[PreKeyRecord],
+) -> StoreResult<u32> {
+    require_device(conn, phone, device_id).await?;
+    for key in keys {
+        sqlx::query(
+            "INSERT INTO one_time_keys (phone, device_id, key_id, key, signature) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (phone, device_id, key_id) DO NOTHING",
+        )
+        .bind(phone.as_str())
+        .bind(dev(device_id))
+        .bind(key.key_id.as_str())
+        .bind(key.key.as_slice())
+        .bind(key.signature.as_slice())
+        .execute(&mut *conn)
+        .await
+        .map_err(db_device)?;
+    }
+    count_keys(conn, phone, device_id).await
+}
+
+async fn claim_prekey(
+    conn: &mut SqliteConnection,
+    phone: &PhoneNumber,
+    device_id: DeviceId,
+) -> StoreResult<Option<ClaimedPreKey>> {
+    let oldest: Option<(i64, String, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+        "SELECT id, key_id, key, signature FROM one_time_keys \
+         WHERE phone = ?1 AND device_id = ?2 ORDER BY id LIMIT 1",
+    )
+    .bind(phone.as_str())
+    .bind(dev(device_id))
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?;
+    if let Some((id, key_id, key, signature)) = oldest {
+        let prekey = prekey_from_row((key_id, key, signature))?;
+        sqlx::query("DELETE FROM one_time_keys WHERE id = ?1")
+            .bind(id)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+        let remaining = count_keys(conn, phone, device_id).await?;
+        return Ok(Some(ClaimedPreKey {
+            prekey,
+            fallback: false,
+            remaining,
+        }));
+    }
+    let fallback: Option<KeyRow> = sqlx::query_as(
+        "SELECT key_id, key, signature FROM fallback_keys WHERE phone = ?1 AND device_id = ?2",
+    )
+    .bind(phone.as_str())
+    .bind(dev(device_id))
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?;
+    fallback
+        .map(|row| {
+            Ok(ClaimedPreKey {
+                prekey: prekey_from_row(row)?,
+                fallback: true,
+                remaining: 0,
+            })
+        })
+        .transpose()
+}
+
+async fn enqueue(conn: &mut SqliteConnection, msg: &NewMessage) -> StoreResult<EnqueueOutcome> {
+    let ts = checked_i64("server_ts_ms", msg.server_ts_ms)?;
+    let expires = checked_i64("expires_at_ms", msg.expires_at_ms)?;
+    let sender = msg.sender.as_str();
+    let sender_device = dev(msg.sender_device);
+    let message_id = msg.message_id.as_bytes().as_slice();
+
+    let first = sqlx::query(
+        "INSERT INTO message_ids (sender, sender_device, message_id, server_ts_ms, expires_at_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (sender, sender_device, message_id) DO NOTHING",
+    )
+    .bind(sender)
+    .bind(sender_device)
+    .bind(message_id)
+    .bind(ts)
+    .bind(expires)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    if first.rows_affected() == 0 {
+        let server_ts: i64 = sqlx::query_scalar(
+            "SELECT server_ts_ms FROM message_ids \
+             WHERE sender = ?1 AND sender_device = ?2 AND message_id = ?3",
+        )
+        .bind(sender)
+        .bind(sender_device)
+        .bind(message_id)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+        return Ok(EnqueueOutcome::Duplicate {
+            server_ts_ms: dec_u64("server_ts_ms", server_ts)?,
+        });
+    }
+
+    let mut stored = Vec::with_capacity(msg.envelopes.len());
+    for env in &msg.envelopes {
+        // The foreign key on (phone, device_id) rejects a recipient device that does not exist; the
+        // caller's savepoint then undoes the envelopes already inserted and the idempotency row.
+        let res = sqlx::query(
+            "INSERT INTO queue (phone, device_id, sender, sender_device, message_id, server_ts_ms, \
+             olm_type, ciphertext, expires_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .bind(env.phone.as_str())
+        .bind(dev(env.device_id))
+        .bind(sender)
+        .bind(sender_device)
+        .bind(message_id)
+        .bind(ts)
+        .bind(i64::from(env.olm_type))
+        .bind(env.ciphertext.as_slice())
+        .bind(expires)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_device)?;
+        stored.push(QueuedEnvelope {
+            seq: dec_u64("seq", res.last_insert_rowid())?,
+            phone: env.phone.clone(),
+            device_id: env.device_id,
+            sender: msg.sender.clone(),
+            sender_device: msg.sender_device,
+            message_id: msg.message_id,
+            server_ts_ms: msg.server_ts_ms,
+            olm_type: env.olm_type,
+            ciphertext: env.ciphertext.clone(),
+        });
+    }
+    Ok(EnqueueOutcome::Stored(stored))
+}
+
+fn mismatch<T>() -> StoreResult<T> {
+    Err(writer_error(WriterError::Mismatch))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn save_code(&self, code: &CodeRecord) -> StoreResult<()> {
+        match self.write(Op::SaveCode(code.clone())).await? {
+            Done::Unit => Ok(()),
+            _ => mismatch(),
+        }
+    }
+
+    async fn get_code(&self, phone: &PhoneNumber) -> StoreResult<Option<CodeRecord>> {
+        let row: Option<CodeRow> = sqlx::query_as(
+            "SELECT phone, code_hash, sent_at_ms, expires_at_ms, attempts FROM codes WHERE phone = ?1",
+        )
+        .bind(phone.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.map(code_from_row).transpose()
+    }
+
+    async fn add_code_attempt(&self, phone: &PhoneNumber) -> StoreResult<u32> {
+        match self.write(Op::AddCodeAttempt(phone.clone())).await? {
+            Done::Count(n) => Ok(n),
+            _ => mismatch(),
+        }
+    }
+
+    async fn remove_code(&self, phone: &PhoneNumber) -> StoreResult<()> {
+        match self.write(Op::RemoveCode(phone.clone())).await? {
+            Done::Unit => Ok(()),
+            _ => mismatch(),
+        }
+    }
+
+    async fn create_account(&self, new: &NewAccount) -> StoreResult<Vec<DeviceId>> {
+        match self.write(Op::CreateAccount(new.clone())).await? {
+            Done::Removed(ids) => Ok(ids),
+            _ => mismatch(),
+        }
+    }
+
+    async fn get_account(&self, phone: &PhoneNumber) -> StoreResult<Option<AccountRecord>> {
+        let row: Option<AccountRow> = sqlx::query_as(
+            "SELECT phone, account_key, device_list, device_list_version, created_at_ms \
+             FROM accounts WHERE phone = ?1",
+        )
+        .bind(phone.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.map(account_from_row).transpose()
+    }
+
+    async fn get_device(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+    ) -> StoreResult<Option<DeviceRecord>> {
+        let row: Option<DeviceRow> = sqlx::query_as(
+            "SELECT phone, device_id, noise_key, identity_ed, last_seen_ms FROM devices \
+             WHERE phone = ?1 AND device_id = ?2",
+        )
+        .bind(phone.as_str())
+        .bind(dev(device_id))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.map(device_from_row).transpose()
+    }
+
+    async fn list_devices(&self, phone: &PhoneNumber) -> StoreResult<Vec<DeviceRecord>> {
+        let rows: Vec<DeviceRow> = sqlx::query_as(
+            "SELECT phone, device_id, noise_key, identity_ed, last_seen_ms FROM devices \
+             WHERE phone = ?1 ORDER BY device_id",
+        )
+        .bind(phone.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.into_iter().map(device_from_row).collect()
+    }
+
+    async fn touch_device(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+        now_ms: u64,
+    ) -> StoreResult<()> {
+        match self
+            .write(Op::TouchDevice(phone.clone(), device_id, now_ms))
+            .await?
+        {
+            Done::Unit => Ok(()),
+            _ => mismatch(),
+        }
+    }
+
+    async fn add_one_time_keys(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+        keys: &[PreKeyRecord],
+    ) -> StoreResult<u32> {
+        match self
+            .write(Op::AddOneTimeKeys(phone.clone(), device_id, keys.to_vec()))
+            .await?
+        {
+            Done::Count(n) => Ok(n),
+            _ => mismatch(),
+        }
+    }
+
+    async fn set_fallback_key(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+        key: &PreKeyRecord,
+    ) -> StoreResult<()> {
+        match self
+            .write(Op::SetFallbackKey(phone.clone(), device_id, key.clone()))
+            .await?
+        {
+            Done::Unit => Ok(()),
+            _ => mismatch(),
+        }
+    }
+
+    async fn count_one_time_keys(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+    ) -> StoreResult<u32> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM one_time_keys WHERE phone = ?1 AND device_id = ?2",
+        )
+        .bind(phone.as_str())
+        .bind(dev(device_id))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(count_u32(n))
+    }
+
+    async fn claim_prekey(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+    ) -> StoreResult<Option<ClaimedPreKey>> {
+        match self
+            .write(Op::ClaimPrekey(phone.clone(), device_id))
+            .await?
+        {
+            Done::Claimed(claimed) => Ok(claimed),
+            _ => mismatch(),
+        }
+    }
+
+    async fn enqueue(&self, msg: NewMessage) -> StoreResult<EnqueueOutcome> {
+        match self.write(Op::Enqueue(msg)).await? {
+            Done::Enqueued(outcome) => Ok(outcome),
+            _ => mismatch(),
+        }
+    }
+
+    async fn load_queue(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<QueuedEnvelope>> {
+        let rows: Vec<QueueRow> = sqlx::query_as(
+            "SELECT seq, sender, sender_device, message_id, server_ts_ms, olm_type, ciphertext \
+             FROM queue WHERE phone = ?1 AND device_id = ?2 AND seq > ?3 ORDER BY seq LIMIT ?4",
+        )
+        .bind(phone.as_str())
+        .bind(dev(device_id))
+        .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.into_iter()
+            .map(
+                |(seq, sender, sender_device, message_id, ts, olm_type, ciphertext)| {
+                    Ok(QueuedEnvelope {
+                        seq: dec_u64("seq", seq)?,
+                        phone: phone.clone(),
+                        device_id,
+                        sender: dec_phone(&sender)?,
+                        sender_device: dec_device(sender_device)?,
+                        message_id: dec_message_id(&message_id)?,
+                        server_ts_ms: dec_u64("server_ts_ms", ts)?,
+                        olm_type: dec_u32("olm_type", olm_type)?,
+                        ciphertext,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    async fn ack(&self, phone: &PhoneNumber, device_id: DeviceId, seqs: &[u64]) -> StoreResult<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        match self
+            .write(Op::Ack(phone.clone(), device_id, seqs.to_vec()))
+            .await?
+        {
+            Done::Unit => Ok(()),
+            _ => mismatch(),
+        }
+    }
+
+    async fn expire(&self, now_ms: u64) -> StoreResult<u64> {
+        match self.write(Op::Expire(now_ms)).await? {
+            Done::Expired(n) => Ok(n),
+            _ => mismatch(),
+        }
+    }
+}

@@ -1,0 +1,969 @@
+//! The conformance suite every [`Store`] backend runs, instantiated for [`MemoryStore`] (`memory_store::*`)
+//! and [`SqliteStore`] (`sqlite_store::*`), plus SQLite-only tests (durability, group commit, failure
+//! isolation inside a batch).
+
+use std::collections::HashSet;
+
+use natter_proto::{DeviceId, MessageId, PhoneNumber};
+
+use super::memory::MemoryStore;
+use super::sqlite::SqliteStore;
+use super::{
+    AccountRecord, ClaimedPreKey, CodeRecord, DeviceRecord, EnqueueOutcome, NewAccount,
+    NewEnvelope, NewMessage, PreKeyRecord, QueuedEnvelope, Store, StoreError,
+};
+
+// ---- fixtures ----
+
+fn phone(n: u32) -> PhoneNumber {
+    PhoneNumber::from_e164(&format!("+1555000{n:04}")).unwrap()
+}
+
+fn dev(n: u32) -> DeviceId {
+    DeviceId::new(n).unwrap()
+}
+
+fn mid(n: u8) -> MessageId {
+    MessageId::from_bytes([n; 16])
+}
+
+fn device_record(phone: &PhoneNumber, seed: u8) -> DeviceRecord {
+    DeviceRecord {
+        phone: phone.clone(),
+        device_id: DeviceId::PRIMARY,
+        noise_key: [seed; 32],
+        identity_ed: [seed.wrapping_add(1); 32],
+        last_seen_ms: 1_000,
+    }
+}
+
+fn new_account(phone: &PhoneNumber, seed: u8) -> NewAccount {
+    NewAccount {
+        account: AccountRecord {
+            phone: phone.clone(),
+            account_key: [seed; 32],
+            device_list: vec![seed, 1, 2, 3],
+            device_list_version: 1,
+            created_at_ms: 1_000 + u64::from(seed),
+        },
+        primary: device_record(phone, seed),
+    }
+}
+
+fn prekey(key_id: &str, seed: u8) -> PreKeyRecord {
+    PreKeyRecord {
+        key_id: key_id.to_owned(),
+        key: [seed; 32],
+        signature: vec![seed; 64],
+    }
+}
+
+fn envelope(to: &PhoneNumber, device: u32, body: &[u8]) -> NewEnvelope {
+    NewEnvelope {
+        phone: to.clone(),
+        device_id: dev(device),
+        olm_type: 1,
+        ciphertext: body.to_vec(),
+    }
+}
+
+fn message(
+    sender: &PhoneNumber,
+    sender_device: u32,
+    id: MessageId,
+    ts: u64,
+    envelopes: Vec<NewEnvelope>,
+) -> NewMessage {
+    NewMessage {
+        sender: sender.clone(),
+        sender_device: dev(sender_device),
+        message_id: id,
+        server_ts_ms: ts,
+        expires_at_ms: ts + 1_000,
+        envelopes,
+    }
+}
+
+fn stored(outcome: EnqueueOutcome) -> Vec<QueuedEnvelope> {
+    match outcome {
+        EnqueueOutcome::Stored(envs) => envs,
+        other => panic!("expected Stored, got {other:?}"),
+    }
+}
+
+fn seqs(envs: &[QueuedEnvelope]) -> Vec<u64> {
+    envs.iter().map(|e| e.seq).collect()
+}
+
+async fn queue_of(s: &dyn Store, phone: &PhoneNumber) -> Vec<QueuedEnvelope> {
+    s.load_queue(phone, DeviceId::PRIMARY, 0, 10_000)
+        .await
+        .unwrap()
+}
+
+/// Two accounts, A (+15550000001) and B (+15550000002), each with its primary device.
+async fn two_accounts(s: &dyn Store) -> (PhoneNumber, PhoneNumber) {
+    let (a, b) = (phone(1), phone(2));
+    assert!(
+        s.create_account(&new_account(&a, 10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.create_account(&new_account(&b, 20))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    (a, b)
+}
+
+// ---- the suite ----
+
+async fn codes(s: &dyn Store) {
+    let p = phone(1);
+    assert_eq!(s.get_code(&p).await.unwrap(), None);
+    assert_eq!(
+        s.add_code_attempt(&p).await.unwrap(),
+        0,
+        "no code: nothing counted"
+    );
+    assert_eq!(s.get_code(&p).await.unwrap(), None);
+
+    let code = CodeRecord {
+        phone: p.clone(),
+        code_hash: [7; 32],
+        sent_at_ms: 1_000,
+        expires_at_ms: 2_000,
+        attempts: 0,
+    };
+    s.save_code(&code).await.unwrap();
+    assert_eq!(s.get_code(&p).await.unwrap(), Some(code.clone()));
+    assert_eq!(s.get_code(&phone(2)).await.unwrap(), None);
+
+    assert_eq!(s.add_code_attempt(&p).await.unwrap(), 1);
+    assert_eq!(s.add_code_attempt(&p).await.unwrap(), 2);
+    assert_eq!(s.get_code(&p).await.unwrap().unwrap().attempts, 2);
+
+    // A resend replaces the code and its attempt count.
+    let resent = CodeRecord {
+        code_hash: [8; 32],
+        sent_at_ms: 3_000,
+        expires_at_ms: 4_000,
+        ..code
+    };
+    s.save_code(&resent).await.unwrap();
+    assert_eq!(s.get_code(&p).await.unwrap(), Some(resent));
+
+    s.remove_code(&p).await.unwrap();
+    assert_eq!(s.get_code(&p).await.unwrap(), None);
+    s.remove_code(&p).await.unwrap(); // removing nothing is fine
+}
+
+async fn create_account_new(s: &dyn Store) {
+    let p = phone(1);
+    assert_eq!(s.get_account(&p).await.unwrap(), None);
+    let new = new_account(&p, 10);
+    assert_eq!(
+        s.create_account(&new).await.unwrap(),
+        Vec::<DeviceId>::new()
+    );
+    assert_eq!(s.get_account(&p).await.unwrap(), Some(new.account.clone()));
+    assert_eq!(
+        s.get_device(&p, DeviceId::PRIMARY).await.unwrap(),
+        Some(new.primary.clone())
+    );
+    assert_eq!(s.list_devices(&p).await.unwrap(), vec![new.primary]);
+    assert_eq!(
+        s.count_one_time_keys(&p, DeviceId::PRIMARY).await.unwrap(),
+        0
+    );
+    assert_eq!(s.claim_prekey(&p, DeviceId::PRIMARY).await.unwrap(), None);
+    assert!(queue_of(s, &p).await.is_empty());
+    assert_eq!(s.get_account(&phone(2)).await.unwrap(), None);
+}
+
+async fn create_account_replaces(s: &dyn Store) {
+    let (a, b) = two_accounts(s).await;
+    s.add_one_time_keys(&a, DeviceId::PRIMARY, &[prekey("k1", 1), prekey("k2", 2)])
+        .await
+        .unwrap();
+    s.set_fallback_key(&a, DeviceId::PRIMARY, &prekey("f", 9))
+        .await
+        .unwrap();
+    s.add_one_time_keys(&b, DeviceId::PRIMARY, &[prekey("b1", 3)])
+        .await
+        .unwrap();
+    // B -> A (queued for A, must go) and A -> B (queued for B, must stay).
+    stored(
+        s.enqueue(message(&b, 1, mid(1), 100, vec![envelope(&a, 1, b"to a")]))
+            .await
+            .unwrap(),
+    );
+    let kept = stored(
+        s.enqueue(message(&a, 1, mid(2), 100, vec![envelope(&b, 1, b"to b")]))
+            .await
+            .unwrap(),
+    );
+
+    let replacement = new_account(&a, 30);
+    assert_eq!(
+        s.create_account(&replacement).await.unwrap(),
+        vec![DeviceId::PRIMARY]
+    );
+    assert_eq!(
+        s.get_account(&a).await.unwrap(),
+        Some(replacement.account.clone())
+    );
+    assert_eq!(s.list_devices(&a).await.unwrap(), vec![replacement.primary]);
+    assert_eq!(
+        s.count_one_time_keys(&a, DeviceId::PRIMARY).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        s.claim_prekey(&a, DeviceId::PRIMARY).await.unwrap(),
+        None,
+        "old one-time and fallback keys are gone"
+    );
+    assert!(queue_of(s, &a).await.is_empty(), "old queue is gone");
+
+    // B is untouched.
+    assert_eq!(
+        s.count_one_time_keys(&b, DeviceId::PRIMARY).await.unwrap(),
+        1
+    );
+    assert_eq!(queue_of(s, &b).await, kept);
+    assert_eq!(
+        s.get_account(&b).await.unwrap().unwrap().account_key,
+        [20; 32]
+    );
+}
+
+async fn devices(s: &dyn Store) {
+    let (a, _) = two_accounts(s).await;
+    assert_eq!(s.get_device(&a, dev(2)).await.unwrap(), None);
+    assert_eq!(
+        s.get_device(&phone(3), DeviceId::PRIMARY).await.unwrap(),
+        None
+    );
+    assert!(s.list_devices(&phone(3)).await.unwrap().is_empty());
+
+    s.touch_device(&a, DeviceId::PRIMARY, 5_000).await.unwrap();
+    let d = s.get_device(&a, DeviceId::PRIMARY).await.unwrap().unwrap();
+    assert_eq!(d.last_seen_ms, 5_000);
+    assert_eq!(d.noise_key, [10; 32]);
+    assert_eq!(
+        s.list_devices(&a).await.unwrap(),
+        vec![d],
+        "list_devices sees the touch"
+    );
+
+    assert!(matches!(
+        s.touch_device(&a, dev(2), 6_000).await,
+        Err(StoreError::NoSuchDevice)
+    ));
+    assert!(matches!(
+        s.touch_device(&phone(3), DeviceId::PRIMARY, 6_000).await,
+        Err(StoreError::NoSuchDevice)
+    ));
+}
+
+async fn one_time_keys(s: &dyn Store) {
+    let (a, b) = two_accounts(s).await;
+    let me = DeviceId::PRIMARY;
+    assert_eq!(
+        s.add_one_time_keys(&a, me, &[prekey("k1", 1), prekey("k2", 2), prekey("k3", 3)])
+            .await
+            .unwrap(),
+        3
+    );
+    // A known id is ignored (the first upload wins), a new one is added, also within one call.
+    assert_eq!(
+        s.add_one_time_keys(
+            &a,
+            me,
+            &[prekey("k2", 99), prekey("k4", 4), prekey("k4", 98)]
+        )
+        .await
+        .unwrap(),
+        4
+    );
+    assert_eq!(s.add_one_time_keys(&a, me, &[]).await.unwrap(), 4);
+    assert_eq!(s.count_one_time_keys(&a, me).await.unwrap(), 4);
+    assert_eq!(s.count_one_time_keys(&b, me).await.unwrap(), 0);
+
+    // Oldest first.
+    for (i, (id, seed)) in [("k1", 1), ("k2", 2), ("k3", 3), ("k4", 4)]
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(
+            s.claim_prekey(&a, me).await.unwrap(),
+            Some(ClaimedPreKey {
+                prekey: prekey(id, seed),
+                fallback: false,
+                remaining: 3 - i as u32,
+            })
+        );
+    }
+    assert_eq!(s.count_one_time_keys(&a, me).await.unwrap(), 0);
+    assert_eq!(
+        s.claim_prekey(&a, me).await.unwrap(),
+        None,
+        "neither kind left"
+    );
+
+    // The fallback is returned, not removed, and can be replaced.
+    s.set_fallback_key(&a, me, &prekey("f1", 50)).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            s.claim_prekey(&a, me).await.unwrap(),
+            Some(ClaimedPreKey {
+                prekey: prekey("f1", 50),
+                fallback: true,
+                remaining: 0,
+            })
+        );
+    }
+    s.set_fallback_key(&a, me, &prekey("f2", 51)).await.unwrap();
+    assert_eq!(
+        s.claim_prekey(&a, me).await.unwrap().unwrap().prekey,
+        prekey("f2", 51)
+    );
+
+    // A claimed id may be uploaded again; one-time keys go before the fallback.
+    assert_eq!(
+        s.add_one_time_keys(&a, me, &[prekey("k1", 5)])
+            .await
+            .unwrap(),
+        1
+    );
+    let claimed = s.claim_prekey(&a, me).await.unwrap().unwrap();
+    assert_eq!((claimed.prekey, claimed.fallback), (prekey("k1", 5), false));
+    assert!(s.claim_prekey(&a, me).await.unwrap().unwrap().fallback);
+
+    // B's keys are B's.
+    assert_eq!(s.claim_prekey(&b, me).await.unwrap(), None);
+
+    // Unknown devices: storing fails, reading and claiming find nothing.
+    for result in [
+        s.add_one_time_keys(&a, dev(2), &[prekey("x", 1)]).await,
+        s.add_one_time_keys(&a, dev(2), &[]).await,
+    ] {
+        assert!(
+            matches!(result, Err(StoreError::NoSuchDevice)),
+            "{result:?}"
+        );
+    }
+    assert!(matches!(
+        s.set_fallback_key(&a, dev(2), &prekey("f", 1)).await,
+        Err(StoreError::NoSuchDevice)
+    ));
+    assert_eq!(s.count_one_time_keys(&a, dev(2)).await.unwrap(), 0);
+    assert_eq!(s.count_one_time_keys(&phone(3), me).await.unwrap(), 0);
+    assert_eq!(s.claim_prekey(&a, dev(2)).await.unwrap(), None);
+    assert_eq!(s.claim_prekey(&phone(3), me).await.unwrap(), None);
+}
+
+async fn enqueue_stores(s: &dyn Store) {
+    let (a, b) = two_accounts(s).await;
+    let msg = message(
+        &a,
+        1,
+        mid(1),
+        100,
+        vec![envelope(&b, 1, b"one"), envelope(&a, 1, b"self")],
+    );
+    let first = stored(s.enqueue(msg).await.unwrap());
+    assert_eq!(first.len(), 2);
+    assert!(first[0].seq > 0 && first[1].seq > first[0].seq);
+    assert_eq!(
+        first[0],
+        QueuedEnvelope {
+            seq: first[0].seq,
+            phone: b.clone(),
+            device_id: DeviceId::PRIMARY,
+            sender: a.clone(),
+            sender_device: DeviceId::PRIMARY,
+            message_id: mid(1),
+            server_ts_ms: 100,
+            olm_type: 1,
+            ciphertext: b"one".to_vec(),
+        }
+    );
+    assert_eq!(first[1].phone, a);
+    assert_eq!(first[1].ciphertext, b"self");
+
+    let pre_key = NewEnvelope {
+        olm_type: 0,
+        ..envelope(&b, 1, b"two")
+    };
+    let second = stored(
+        s.enqueue(message(&a, 1, mid(2), 200, vec![pre_key]))
+            .await
+            .unwrap(),
+    );
+    assert!(second[0].seq > first[1].seq, "seqs grow across devices");
+    assert_eq!(second[0].olm_type, 0);
+
+    assert_eq!(
+        queue_of(s, &b).await,
+        vec![first[0].clone(), second[0].clone()]
+    );
+    assert_eq!(queue_of(s, &a).await, vec![first[1].clone()]);
+
+    // No envelopes: accepted (and remembered), nothing queued.
+    assert_eq!(
+        s.enqueue(message(&a, 1, mid(3), 300, vec![]))
+            .await
+            .unwrap(),
+        EnqueueOutcome::Stored(vec![])
+    );
+    assert_eq!(
+        s.enqueue(message(&a, 1, mid(3), 301, vec![]))
+            .await
+            .unwrap(),
+        EnqueueOutcome::Duplicate { server_ts_ms: 300 }
+    );
+}
+
+async fn enqueue_duplicate(s: &dyn Store) {
+    let (a, b) = two_accounts(s).await;
+    let first = stored(
+        s.enqueue(message(&a, 1, mid(1), 100, vec![envelope(&b, 1, b"x")]))
+            .await
+            .unwrap(),
+    );
+    // The retry (later time, even other content) is a duplicate reporting the first acceptance time.
+    let retry = message(
+        &a,
+        1,
+        mid(1),
+        500,
+        vec![envelope(&b, 1, b"y"), envelope(&a, 1, b"z")],
+    );
+    assert_eq!(
+        s.enqueue(retry).await.unwrap(),
+        EnqueueOutcome::Duplicate { server_ts_ms: 100 }
+    );
+    assert_eq!(queue_of(s, &b).await, first, "nothing stored");
+    assert!(queue_of(s, &a).await.is_empty());
+
+    // The same id from another device of the sender, or from another sender, is a new message.
+    let other_device = stored(
+        s.enqueue(message(&a, 2, mid(1), 600, vec![envelope(&b, 1, b"d2")]))
+            .await
+            .unwrap(),
+    );
+    let other_sender = stored(
+        s.enqueue(message(&b, 1, mid(1), 700, vec![envelope(&a, 1, b"b")]))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(other_device[0].sender_device, dev(2));
+    assert_eq!(queue_of(s, &b).await.len(), 2);
+    assert_eq!(queue_of(s, &a).await, other_sender);
+}
+
+async fn enqueue_unknown_device(s: &dyn Store) {
+    let (a, b) = two_accounts(s).await;
+    let bad = message(
+        &a,
+        1,
+        mid(1),
+        100,
+        vec![envelope(&b, 1, b"ok"), envelope(&b, 2, b"no such device")],
+    );
+    assert!(matches!(
+        s.enqueue(bad).await,
+        Err(StoreError::NoSuchDevice)
+    ));
+    let bad = message(
+        &a,
+        1,
+        mid(1),
+        100,
+        vec![envelope(&phone(3), 1, b"no account")],
+    );
+    assert!(matches!(
+        s.enqueue(bad).await,
+        Err(StoreError::NoSuchDevice)
+    ));
+    assert!(queue_of(s, &b).await.is_empty(), "all or nothing");
+    // The failed attempt left no idempotency record: the corrected retry is stored.
+    let retry = message(&a, 1, mid(1), 200, vec![envelope(&b, 1, b"ok")]);
+    assert_eq!(stored(s.enqueue(retry).await.unwrap()).len(), 1);
+}
+
+async fn load_queue_paging(s: &dyn Store) {
+    let (a, b) = two_accounts(s).await;
+    let mut all = Vec::new();
+    for i in 0..5u8 {
+        let env = envelope(&b, 1, &[i]);
+        all.extend(stored(
+            s.enqueue(message(&a, 1, mid(i), 100 + u64::from(i), vec![env]))
+                .await
+                .unwrap(),
+        ));
+    }
+    let me = DeviceId::PRIMARY;
+    assert_eq!(s.load_queue(&b, me, 0, 100).await.unwrap(), all);
+    assert_eq!(s.load_queue(&b, me, 0, 2).await.unwrap(), all[..2].to_vec());
+    assert_eq!(
+        s.load_queue(&b, me, all[1].seq, 2).await.unwrap(),
+        all[2..4].to_vec()
+    );
+    assert_eq!(
+        s.load_queue(&b, me, all[3].seq, 100).await.unwrap(),
+        all[4..].to_vec()
+    );
+    assert!(
+        s.load_queue(&b, me, all[4].seq, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(s.load_queue(&b, me, 0, 0).await.unwrap().is_empty());
+    assert!(s.load_queue(&b, me, u64::MAX, 10).await.unwrap().is_empty());
+    assert_eq!(s.load_queue(&b, me, 0, usize::MAX).await.unwrap(), all);
+    assert!(s.load_queue(&a, me, 0, 100).await.unwrap().is_empty());
+    assert!(s.load_queue(&b, dev(2), 0, 100).await.unwrap().is_empty());
+    assert!(
+        s.load_queue(&phone(3), me, 0, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn ack(s: &dyn Store) {
+    let (a, b) = two_accounts(s).await;
+    let me = DeviceId::PRIMARY;
+    let to_b = stored(
+        s.enqueue(message(
+            &a,
+            1,
+            mid(1),
+            100,
+            vec![
+                envelope(&b, 1, b"1"),
+                envelope(&b, 1, b"2"),
+                envelope(&b, 1, b"3"),
+            ],
+        ))
+        .await
+        .unwrap(),
+    );
+    let to_a = stored(
+        s.enqueue(message(&b, 1, mid(2), 100, vec![envelope(&a, 1, b"a")]))
+            .await
+            .unwrap(),
+    );
+
+    // A tries to ack B's mail: ignored.
+    s.ack(&a, me, &seqs(&to_b)).await.unwrap();
+    s.ack(&b, dev(2), &seqs(&to_b)).await.unwrap();
+    s.ack(&phone(3), me, &seqs(&to_b)).await.unwrap();
+    assert_eq!(queue_of(s, &b).await, to_b);
+
+    // B acks its first and last envelope, plus ids that are not its own or do not exist.
+    s.ack(
+        &b,
+        me,
+        &[to_b[0].seq, to_b[2].seq, to_a[0].seq, 999_999, u64::MAX],
+    )
+    .await
+    .unwrap();
+    assert_eq!(queue_of(s, &b).await, vec![to_b[1].clone()]);
+    assert_eq!(queue_of(s, &a).await, to_a, "A's mail survives B's ack");
+    s.ack(&b, me, &[to_b[0].seq]).await.unwrap(); // again: nothing to do
+    s.ack(&b, me, &[]).await.unwrap();
+
+    // Seqs are never reused, even after the newest envelopes were acknowledged.
+    s.ack(&b, me, &[to_b[1].seq]).await.unwrap();
+    s.ack(&a, me, &[to_a[0].seq]).await.unwrap();
+    let next = stored(
+        s.enqueue(message(&a, 1, mid(3), 100, vec![envelope(&b, 1, b"4")]))
+            .await
+            .unwrap(),
+    );
+    assert!(next[0].seq > to_a[0].seq);
+}
+
+async fn expire(s: &dyn Store) {
+    let (a, b) = two_accounts(s).await;
+    // mid(1) expires at 1_100, mid(2) at 5_100.
+    let old = stored(
+        s.enqueue(message(
+            &a,
+            1,
+            mid(1),
+            100,
+            vec![envelope(&b, 1, b"old"), envelope(&a, 1, b"old")],
+        ))
+        .await
+        .unwrap(),
+    );
+    let fresh = stored(
+        s.enqueue(message(&a, 1, mid(2), 4_100, vec![envelope(&b, 1, b"new")]))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(old.len(), 2);
+
+    assert_eq!(s.expire(1_099).await.unwrap(), 0);
+    assert_eq!(queue_of(s, &b).await.len(), 2);
+
+    assert_eq!(
+        s.expire(1_100).await.unwrap(),
+        2,
+        "expires_at_ms <= now goes"
+    );
+    assert_eq!(queue_of(s, &b).await, fresh);
+    assert!(queue_of(s, &a).await.is_empty());
+    assert_eq!(s.expire(1_100).await.unwrap(), 0);
+
+    // mid(1)'s idempotency record went with it; mid(2)'s is still there.
+    assert_eq!(
+        stored(
+            s.enqueue(message(
+                &a,
+                1,
+                mid(1),
+                2_000,
+                vec![envelope(&b, 1, b"again")]
+            ))
+            .await
+            .unwrap()
+        )
+        .len(),
+        1
+    );
+    assert_eq!(
+        s.enqueue(message(&a, 1, mid(2), 2_000, vec![]))
+            .await
+            .unwrap(),
+        EnqueueOutcome::Duplicate {
+            server_ts_ms: 4_100
+        }
+    );
+
+    // Other state is untouched.
+    assert!(s.get_account(&a).await.unwrap().is_some());
+    assert_eq!(s.list_devices(&b).await.unwrap().len(), 1);
+    assert_eq!(s.expire(u64::MAX).await.unwrap(), 2);
+    assert!(queue_of(s, &b).await.is_empty());
+}
+
+async fn out_of_range(s: &dyn Store) {
+    let (a, b) = two_accounts(s).await;
+    let mut msg = message(&a, 1, mid(1), 100, vec![envelope(&b, 1, b"x")]);
+    msg.expires_at_ms = u64::MAX;
+    assert!(matches!(s.enqueue(msg).await, Err(StoreError::Backend(_))));
+    assert!(queue_of(s, &b).await.is_empty());
+    assert!(matches!(
+        s.touch_device(&a, DeviceId::PRIMARY, i64::MAX as u64 + 1)
+            .await,
+        Err(StoreError::Backend(_))
+    ));
+    s.touch_device(&a, DeviceId::PRIMARY, i64::MAX as u64)
+        .await
+        .unwrap();
+    let mut acct = new_account(&phone(3), 1);
+    acct.account.device_list_version = u64::MAX;
+    assert!(matches!(
+        s.create_account(&acct).await,
+        Err(StoreError::Backend(_))
+    ));
+    assert_eq!(s.get_account(&phone(3)).await.unwrap(), None);
+}
+
+/// Generates one `#[tokio::test]` per suite function and backend: `memory_store::NAME` and
+/// `sqlite_store::NAME`.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory_store {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(&super::MemoryStore::new()).await;
+                }
+            )*
+        }
+        mod sqlite_store {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (_dir, store) = super::temp_sqlite().await;
+                    super::$name(&store).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    codes,
+    create_account_new,
+    create_account_replaces,
+    devices,
+    one_time_keys,
+    enqueue_stores,
+    enqueue_duplicate,
+    enqueue_unknown_device,
+    load_queue_paging,
+    ack,
+    expire,
+    out_of_range,
+);
+
+// ---- SQLite only ----
+
+async fn temp_sqlite() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("natter.db"))
+        .await
+        .unwrap();
+    (dir, store)
+}
+
+#[tokio::test]
+async fn sqlite_store_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested.db");
+    let (a, b) = (phone(1), phone(2));
+    let code = CodeRecord {
+        phone: a.clone(),
+        code_hash: [1; 32],
+        sent_at_ms: 1,
+        expires_at_ms: 2,
+        attempts: 3,
+    };
+    let queued = {
+        let s = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(s.path(), path);
+        two_accounts(&s).await;
+        s.save_code(&code).await.unwrap();
+        s.add_one_time_keys(&b, DeviceId::PRIMARY, &[prekey("k", 1), prekey("l", 2)])
+            .await
+            .unwrap();
+        s.set_fallback_key(&b, DeviceId::PRIMARY, &prekey("f", 3))
+            .await
+            .unwrap();
+        stored(
+            s.enqueue(message(&a, 1, mid(1), 100, vec![envelope(&b, 1, b"kept")]))
+                .await
+                .unwrap(),
+        )
+    }; // dropped: the writer stops
+
+    let s = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(s.get_code(&a).await.unwrap(), Some(code));
+    assert_eq!(
+        s.get_account(&b).await.unwrap(),
+        Some(new_account(&b, 20).account)
+    );
+    assert_eq!(
+        s.list_devices(&a).await.unwrap(),
+        vec![device_record(&a, 10)]
+    );
+    assert_eq!(
+        s.count_one_time_keys(&b, DeviceId::PRIMARY).await.unwrap(),
+        2
+    );
+    assert_eq!(queue_of(&s, &b).await, queued);
+    assert_eq!(
+        s.enqueue(message(&a, 1, mid(1), 999, vec![]))
+            .await
+            .unwrap(),
+        EnqueueOutcome::Duplicate { server_ts_ms: 100 }
+    );
+    let next = stored(
+        s.enqueue(message(&a, 1, mid(2), 100, vec![envelope(&b, 1, b"more")]))
+            .await
+            .unwrap(),
+    );
+    assert!(next[0].seq > queued[0].seq);
+    assert_eq!(
+        s.claim_prekey(&b, DeviceId::PRIMARY)
+            .await
+            .unwrap()
+            .unwrap()
+            .prekey,
+        prekey("k", 1)
+    );
+    drop(s);
+
+    // The migration ran once.
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
+        "sqlite://{}",
+        path.display()
+    ))
+    .await
+    .unwrap();
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_version")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(versions, vec![1]);
+}
+
+#[tokio::test]
+async fn sqlite_store_corrupt_rows() {
+    let (dir, s) = temp_sqlite().await;
+    let (a, b) = two_accounts(&s).await;
+    let url = format!("sqlite://{}", dir.path().join("natter.db").display());
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let mut tamper = async |sql: &'static str| {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    };
+    // A key of the wrong length.
+    tamper("UPDATE accounts SET account_key = x'0102' WHERE phone = '+15550000001'").await;
+    // A device id out of range.
+    tamper("UPDATE devices SET device_id = 99 WHERE phone = '+15550000002'").await;
+    // An invalid sender number in a queued envelope.
+    tamper(
+        "INSERT INTO queue (phone, device_id, sender, sender_device, message_id, server_ts_ms, \
+         olm_type, ciphertext, expires_at_ms) VALUES ('+15550000001', 1, 'garbage', 1, zeroblob(16), \
+         1, 1, x'', 10)",
+    )
+    .await;
+    for result in [
+        s.get_account(&a).await.map(|_| ()),
+        s.list_devices(&b).await.map(|_| ()),
+        s.load_queue(&a, DeviceId::PRIMARY, 0, 10).await.map(|_| ()),
+    ] {
+        assert!(matches!(result, Err(StoreError::Corrupt(_))), "{result:?}");
+    }
+    // Rows that decode are still served.
+    assert!(s.get_account(&b).await.unwrap().is_some());
+    assert!(s.get_device(&a, DeviceId::PRIMARY).await.unwrap().is_some());
+}
+
+/// 200 concurrent senders on a multi-threaded runtime: every enqueue succeeds, seqs are distinct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_concurrent_enqueue() {
+    const N: u32 = 200;
+    let (_dir, s) = temp_sqlite().await;
+    let (a, b) = two_accounts(&s).await;
+    let commits_before = s.commits();
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let (s, a, b) = (s.clone(), a.clone(), b.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            let msg = message(
+                &a,
+                1,
+                MessageId::from_bytes(id),
+                100,
+                vec![envelope(&b, 1, &i.to_be_bytes())],
+            );
+            stored(s.enqueue(msg).await.unwrap())
+        }));
+    }
+    let mut all = HashSet::new();
+    for task in tasks {
+        for env in task.await.unwrap() {
+            assert!(all.insert(env.seq), "seq {} handed out twice", env.seq);
+        }
+    }
+    let elapsed = started.elapsed();
+    let commits = s.commits() - commits_before;
+    eprintln!(
+        "{N} concurrent enqueues: {elapsed:?} ({:.0}/s), {commits} commits",
+        f64::from(N) / elapsed.as_secs_f64()
+    );
+    assert_eq!(all.len(), N as usize);
+    assert!(commits <= u64::from(N));
+    let queue = queue_of(&s, &b).await;
+    assert_eq!(queue.len(), N as usize);
+    assert_eq!(queue.iter().map(|e| e.seq).collect::<HashSet<_>>(), all);
+}
+
+/// On a current-thread runtime every task sends before the writer runs, so all of them land in one batch
+/// and one commit.
+#[tokio::test]
+async fn sqlite_store_group_commit_batches() {
+    let (_dir, s) = temp_sqlite().await;
+    let (a, b) = two_accounts(&s).await;
+    let commits_before = s.commits();
+    let tasks: Vec<_> = (0..100u8)
+        .map(|i| {
+            let (s, a, b) = (s.clone(), a.clone(), b.clone());
+            tokio::spawn(async move {
+                s.enqueue(message(&a, 1, mid(i), 100, vec![envelope(&b, 1, &[i])]))
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        stored(task.await.unwrap().unwrap());
+    }
+    assert_eq!(s.commits() - commits_before, 1, "one batch, one commit");
+    assert_eq!(queue_of(&s, &b).await.len(), 100);
+}
+
+/// A failing command is rolled back alone; the rest of its batch commits.
+#[tokio::test]
+async fn sqlite_store_failure_isolated_in_batch() {
+    let (_dir, s) = temp_sqlite().await;
+    let (a, b) = two_accounts(&s).await;
+    let commits_before = s.commits();
+    // The bad message's first envelope is valid and gets inserted before the foreign key rejects the
+    // second (device 2 does not exist): its savepoint must undo the first too.
+    let bad = message(
+        &a,
+        1,
+        mid(2),
+        100,
+        vec![envelope(&b, 1, b"undone"), envelope(&b, 2, b"no device")],
+    );
+    let (good1, bad, touch, good2, dup) = tokio::join!(
+        s.enqueue(message(&a, 1, mid(1), 100, vec![envelope(&b, 1, b"one")])),
+        s.enqueue(bad),
+        s.touch_device(&b, dev(3), 5),
+        s.enqueue(message(&a, 1, mid(3), 100, vec![envelope(&b, 1, b"three")])),
+        s.enqueue(message(&a, 1, mid(1), 200, vec![envelope(&b, 1, b"dup")])),
+    );
+    assert_eq!(s.commits() - commits_before, 1, "one batch");
+    let good1 = stored(good1.unwrap());
+    let good2 = stored(good2.unwrap());
+    assert!(matches!(bad, Err(StoreError::NoSuchDevice)), "{bad:?}");
+    assert!(matches!(touch, Err(StoreError::NoSuchDevice)), "{touch:?}");
+    assert_eq!(
+        dup.unwrap(),
+        EnqueueOutcome::Duplicate { server_ts_ms: 100 }
+    );
+    assert_eq!(
+        queue_of(&s, &b).await,
+        vec![good1[0].clone(), good2[0].clone()]
+    );
+    // The failed message left no idempotency record.
+    let retry = message(&a, 1, mid(2), 300, vec![envelope(&b, 1, b"retry")]);
+    assert_eq!(stored(s.enqueue(retry).await.unwrap()).len(), 1);
+}
+
+/// Once the writer task is gone (its runtime shut down), writes fail with `Backend` instead of hanging.
+#[test]
+fn sqlite_store_write_after_writer_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("natter.db");
+    let first = tokio::runtime::Runtime::new().unwrap();
+    let s = first.block_on(SqliteStore::open(&path)).unwrap();
+    drop(first); // cancels the writer task
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async move {
+        let result = s.remove_code(&phone(1)).await;
+        assert!(matches!(result, Err(StoreError::Backend(_))), "{result:?}");
+        drop(s);
+    });
+}
