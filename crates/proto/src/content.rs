@@ -4,7 +4,8 @@
 /// The decrypted payload of one envelope.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Content {
-    /// Repeats the envelope's message id so that the server cannot swap ids between ciphertexts.
+    /// The logical message id: the envelope's id for a first send, the original message's id in a resend.
+    /// Receivers de-duplicate by this authenticated id, not by the envelope's.
     #[prost(bytes = "vec", tag = "1")]
     pub message_id: Vec<u8>,
     /// When the sender created it, ms since the Unix epoch (sender's clock).

@@ -408,6 +408,13 @@ pub struct SendMessage {
     /// One ciphertext per device.
     #[prost(message, repeated, tag = "3")]
     pub messages: Vec<DeviceMessage>,
+    /// For a resend answering a retry request: the transport id of the envelope that failed to decrypt.
+    /// A resend goes to the asking device only, so the server checks only that the devices exist.
+    #[prost(bytes = "vec", tag = "4")]
+    pub retry_of: Vec<u8>,
+    /// For a resend: 1 for the first, up to [`crate::limits::MAX_DECRYPT_RETRIES`].
+    #[prost(uint32, tag = "5")]
+    pub retry_attempt: u32,
 }
 
 /// A ciphertext for one device.
@@ -494,6 +501,12 @@ pub struct Envelope {
     /// The Olm ciphertext.
     #[prost(bytes = "vec", tag = "7")]
     pub ciphertext: Vec<u8>,
+    /// For a resend: the transport id of the envelope it replaces (see [`SendMessage::retry_of`]).
+    #[prost(bytes = "vec", tag = "8")]
+    pub retry_of: Vec<u8>,
+    /// For a resend: which attempt it is.
+    #[prost(uint32, tag = "9")]
+    pub retry_attempt: u32,
 }
 
 /// The backlog is delivered.

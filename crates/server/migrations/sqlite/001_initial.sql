@@ -66,6 +66,8 @@ CREATE TABLE queue (
     olm_type       INTEGER NOT NULL,
     ciphertext     BLOB    NOT NULL,
     expires_at_ms  INTEGER NOT NULL,
+    retry_of       BLOB,
+    retry_attempt  INTEGER NOT NULL DEFAULT 0,
     FOREIGN KEY (phone, device_id) REFERENCES devices (phone, device_id) ON DELETE CASCADE
 ) STRICT;
 CREATE INDEX queue_by_device ON queue (phone, device_id, seq);

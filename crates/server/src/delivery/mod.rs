@@ -197,6 +197,7 @@ mod tests {
             server_ts_ms: 0,
             olm_type: 1,
             ciphertext: vec![],
+            retry: None,
         }
     }
 

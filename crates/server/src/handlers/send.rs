@@ -7,11 +7,12 @@ use std::collections::BTreeSet;
 use natter_proto::wire::{
     DeviceMessage, Error, ErrorCode, MismatchedDevices, SendMessage, Sent, response,
 };
+use natter_proto::limits::MAX_DECRYPT_RETRIES;
 use natter_proto::{DeviceId, MessageId, PhoneNumber};
 
 use super::register::unknown_account;
 use super::{RequestCtx, bad_request, store_error};
-use crate::store::{EnqueueOutcome, NewEnvelope, NewMessage};
+use crate::store::{EnqueueOutcome, NewEnvelope, NewMessage, RetryInfo};
 
 /// Validates, stores and routes one message.
 pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::Body, Error> {
@@ -20,6 +21,20 @@ pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::
     let message_id =
         MessageId::from_slice(&r.message_id).map_err(|e| bad_request(e.to_string()))?;
     let store = &ctx.state.store;
+    let retry = if r.retry_of.is_empty() {
+        None
+    } else {
+        let of = MessageId::from_slice(&r.retry_of).map_err(|e| bad_request(e.to_string()))?;
+        if r.retry_attempt == 0 || r.retry_attempt > MAX_DECRYPT_RETRIES {
+            return Err(bad_request(format!(
+                "retry attempts run from 1 to {MAX_DECRYPT_RETRIES}"
+            )));
+        }
+        Some(RetryInfo {
+            of,
+            attempt: r.retry_attempt,
+        })
+    };
 
     let peer_devices: BTreeSet<DeviceId> = store
         .list_devices(&recipient)
@@ -75,14 +90,25 @@ pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::
         });
     }
     let mut mismatched = Vec::new();
+    // A resend goes to the one device that asked for it: it must exist, nothing more.
+    let partial = retry.is_some();
     for (phone, wanted, got) in [
         (&recipient, &peer_devices, &to_peer),
         (&login.phone, &own_devices, &to_own),
     ] {
-        if wanted != got {
+        let matches = if partial {
+            got.is_subset(wanted) && !(to_peer.is_empty() && to_own.is_empty())
+        } else {
+            wanted == got
+        };
+        if !matches {
             mismatched.push(MismatchedDevices {
                 phone: phone.as_str().to_owned(),
-                missing: wanted.difference(got).map(|d| d.get()).collect(),
+                missing: if partial {
+                    Vec::new()
+                } else {
+                    wanted.difference(got).map(|d| d.get()).collect()
+                },
                 extra: got.difference(wanted).map(|d| d.get()).collect(),
             });
         }
@@ -105,6 +131,7 @@ pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::
             server_ts_ms: now,
             expires_at_ms: now + ctx.state.config.envelope_retention.as_millis() as u64,
             envelopes,
+            retry,
         })
         .await
         .map_err(store_error)?;

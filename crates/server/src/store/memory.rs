@@ -307,6 +307,7 @@ impl Store for MemoryStore {
                 server_ts_ms: msg.server_ts_ms,
                 olm_type: env.olm_type,
                 ciphertext: env.ciphertext,
+                retry: msg.retry,
             };
             let device = inner.device_mut(&envelope.phone, envelope.device_id)?;
             device.queue.insert(

@@ -112,6 +112,15 @@ pub struct NewEnvelope {
     pub ciphertext: Vec<u8>,
 }
 
+/// Marks a resend that answers a decryption-retry request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryInfo {
+    /// Transport id of the envelope that failed to decrypt.
+    pub of: MessageId,
+    /// Which attempt this is (1..).
+    pub attempt: u32,
+}
+
 /// One message from one device, fanned out to several devices. Stored atomically: all or nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewMessage {
@@ -127,6 +136,8 @@ pub struct NewMessage {
     pub expires_at_ms: u64,
     /// One envelope per recipient device.
     pub envelopes: Vec<NewEnvelope>,
+    /// Set for a resend.
+    pub retry: Option<RetryInfo>,
 }
 
 /// What happened to a [`NewMessage`].
@@ -162,6 +173,8 @@ pub struct QueuedEnvelope {
     pub olm_type: u32,
     /// Ciphertext.
     pub ciphertext: Vec<u8>,
+    /// Set for a resend.
+    pub retry: Option<RetryInfo>,
 }
 
 /// A new account replacing whatever had the same number.

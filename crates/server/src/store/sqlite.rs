@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::memory::checked_i64;
 use super::{
     AccountRecord, ClaimedPreKey, CodeRecord, DeviceRecord, EnqueueOutcome, NewAccount, NewMessage,
-    PreKeyRecord, QueuedEnvelope, Store, StoreError, StoreResult,
+    PreKeyRecord, QueuedEnvelope, RetryInfo, Store, StoreError, StoreResult,
 };
 
 /// Most write commands the writer runs in one transaction.
@@ -142,7 +142,17 @@ type CodeRow = (String, Vec<u8>, i64, i64, i64);
 type AccountRow = (String, Vec<u8>, Vec<u8>, i64, i64);
 type DeviceRow = (String, i64, Vec<u8>, Vec<u8>, i64);
 type KeyRow = (String, Vec<u8>, Vec<u8>);
-type QueueRow = (i64, String, i64, Vec<u8>, i64, i64, Vec<u8>);
+type QueueRow = (
+    i64,
+    String,
+    i64,
+    Vec<u8>,
+    i64,
+    i64,
+    Vec<u8>,
+    Option<Vec<u8>>,
+    i64,
+);
 
 fn code_from_row((phone, hash, sent, expires, attempts): CodeRow) -> StoreResult<CodeRecord> {
     Ok(CodeRecord {
@@ -773,7 +783,8 @@ async fn enqueue(conn: &mut SqliteConnection, msg: &NewMessage) -> StoreResult<E
         // caller's savepoint then undoes the envelopes already inserted and the idempotency row.
         let res = sqlx::query(
             "INSERT INTO queue (phone, device_id, sender, sender_device, message_id, server_ts_ms, \
-             olm_type, ciphertext, expires_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             olm_type, ciphertext, expires_at_ms, retry_of, retry_attempt) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )
         .bind(env.phone.as_str())
         .bind(dev(env.device_id))
@@ -784,6 +795,8 @@ async fn enqueue(conn: &mut SqliteConnection, msg: &NewMessage) -> StoreResult<E
         .bind(i64::from(env.olm_type))
         .bind(env.ciphertext.as_slice())
         .bind(expires)
+        .bind(msg.retry.map(|r| r.of.as_bytes().to_vec()))
+        .bind(i64::from(msg.retry.map_or(0, |r| r.attempt)))
         .execute(&mut *conn)
         .await
         .map_err(db_device)?;
@@ -797,6 +810,7 @@ async fn enqueue(conn: &mut SqliteConnection, msg: &NewMessage) -> StoreResult<E
             server_ts_ms: msg.server_ts_ms,
             olm_type: env.olm_type,
             ciphertext: env.ciphertext.clone(),
+            retry: msg.retry,
         });
     }
     Ok(EnqueueOutcome::Stored(stored))
@@ -978,8 +992,8 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> StoreResult<Vec<QueuedEnvelope>> {
         let rows: Vec<QueueRow> = sqlx::query_as(
-            "SELECT seq, sender, sender_device, message_id, server_ts_ms, olm_type, ciphertext \
-             FROM queue WHERE phone = ?1 AND device_id = ?2 AND seq > ?3 ORDER BY seq LIMIT ?4",
+            "SELECT seq, sender, sender_device, message_id, server_ts_ms, olm_type, ciphertext, \
+             retry_of, retry_attempt FROM queue WHERE phone = ?1 AND device_id = ?2 AND seq > ?3 ORDER BY seq LIMIT ?4",
         )
         .bind(phone.as_str())
         .bind(dev(device_id))
@@ -990,7 +1004,14 @@ impl Store for SqliteStore {
         .map_err(db)?;
         rows.into_iter()
             .map(
-                |(seq, sender, sender_device, message_id, ts, olm_type, ciphertext)| {
+                |(seq, sender, sender_device, message_id, ts, olm_type, ciphertext, retry_of, retry_attempt)| {
+                    let retry = match retry_of {
+                        Some(of) => Some(RetryInfo {
+                            of: dec_message_id(&of)?,
+                            attempt: dec_u32("retry_attempt", retry_attempt)?,
+                        }),
+                        None => None,
+                    };
                     Ok(QueuedEnvelope {
                         seq: dec_u64("seq", seq)?,
                         phone: phone.clone(),
@@ -1001,6 +1022,7 @@ impl Store for SqliteStore {
                         server_ts_ms: dec_u64("server_ts_ms", ts)?,
                         olm_type: dec_u32("olm_type", olm_type)?,
                         ciphertext,
+                        retry,
                     })
                 },
             )

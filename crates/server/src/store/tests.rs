@@ -81,6 +81,7 @@ fn message(
         server_ts_ms: ts,
         expires_at_ms: ts + 1_000,
         envelopes,
+        retry: None,
     }
 }
 
@@ -390,6 +391,7 @@ async fn enqueue_stores(s: &dyn Store) {
             server_ts_ms: 100,
             olm_type: 1,
             ciphertext: b"one".to_vec(),
+            retry: None,
         }
     );
     assert_eq!(first[1].phone, a);
@@ -406,6 +408,24 @@ async fn enqueue_stores(s: &dyn Store) {
     );
     assert!(second[0].seq > first[1].seq, "seqs grow across devices");
     assert_eq!(second[0].olm_type, 0);
+
+    // A resend keeps its retry marker through the queue.
+    let retry = crate::store::RetryInfo {
+        of: mid(1),
+        attempt: 2,
+    };
+    let resend = NewMessage {
+        retry: Some(retry),
+        ..message(&a, 1, mid(9), 250, vec![envelope(&b, 1, b"again")])
+    };
+    let third = stored(s.enqueue(resend).await.unwrap());
+    assert_eq!(third[0].retry, Some(retry));
+    let loaded = s
+        .load_queue(&b, DeviceId::PRIMARY, second[0].seq, 10)
+        .await
+        .unwrap();
+    assert_eq!(loaded, third);
+    s.ack(&b, DeviceId::PRIMARY, &[third[0].seq]).await.unwrap();
 
     assert_eq!(
         queue_of(s, &b).await,

@@ -480,6 +480,11 @@ impl Conn {
             server_ts_ms: env.server_ts_ms,
             olm_type: env.olm_type,
             ciphertext: env.ciphertext.clone(),
+            retry_of: env
+                .retry
+                .map(|r| r.of.as_bytes().to_vec())
+                .unwrap_or_default(),
+            retry_attempt: env.retry.map_or(0, |r| r.attempt),
         })));
     }
 
