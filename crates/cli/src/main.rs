@@ -1,1 +1,319 @@
-fn main() {}
+//! natter: the Natter command-line client. A thin layer over natter-client: it parses commands, drives
+//! a [`natter_client::Client`] and prints human output or, with `--json`, one JSON object per line.
+
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use natter_client::{Client, ClientError, Event, MessageRecord};
+use natter_proto::PhoneNumber;
+use natter_proto::wire::ErrorCode;
+use tokio::io::AsyncBufReadExt;
+
+use output::Printer;
+
+/// Natter: end-to-end encrypted messaging.
+#[derive(Parser, Debug)]
+#[command(
+    name = "natter",
+    version,
+    about = "Natter: end-to-end encrypted messaging"
+)]
+struct Cli {
+    /// Directory holding this device's keys and messages.
+    #[arg(long, env = "NATTER_HOME", global = true)]
+    home: Option<PathBuf>,
+    /// Server address (HOST:PORT); remembered for later commands.
+    #[arg(long, env = "NATTER_SERVER", global = true)]
+    server: Option<String>,
+    /// Print JSON (one object per line) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Ask for a registration code by SMS for a phone number (international format).
+    Register {
+        /// e.g. +15550000001
+        number: String,
+    },
+    /// Complete registration with the code from the SMS.
+    Verify {
+        /// The 6-digit code.
+        code: String,
+    },
+    /// Show this device's account and server.
+    Whoami,
+    /// Send a text message; exits 0 once the server has durably accepted it.
+    Send {
+        /// The recipient's number.
+        number: String,
+        /// The text (several words are joined with spaces).
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
+    /// Print every message not shown by an earlier recv, each exactly once.
+    Recv {
+        /// Keep listening until this many seconds pass with nothing new.
+        #[arg(long, default_value_t = 0.0)]
+        wait: f64,
+    },
+    /// Chat interactively with one number: type to send, replies appear live. /quit or Ctrl-D ends.
+    Chat {
+        /// The peer's number.
+        number: String,
+    },
+    /// Print a whole conversation, sent and received.
+    History {
+        /// The peer's number.
+        number: String,
+    },
+    /// Forget the pinned server key (only after the server was deliberately reinstalled).
+    ForgetServer,
+}
+
+/// Exit codes, so scripts can tell failures apart.
+mod exit {
+    pub const FAILURE: u8 = 1;
+    pub const NOT_REGISTERED: u8 = 3;
+    pub const UNREACHABLE: u8 = 4;
+    pub const RATE_LIMITED: u8 = 5;
+    pub const BAD_CODE: u8 = 6;
+    pub const UNKNOWN_NUMBER: u8 = 7;
+    pub const INVALID_INPUT: u8 = 8;
+}
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    let Some(ce) = e.downcast_ref::<ClientError>() else {
+        return exit::FAILURE;
+    };
+    match ce {
+        ClientError::NotRegistered | ClientError::NoPendingRegistration => exit::NOT_REGISTERED,
+        ClientError::DeviceRemoved(_) => exit::NOT_REGISTERED,
+        ClientError::Unreachable { .. } | ClientError::NoServer | ClientError::Timeout => {
+            exit::UNREACHABLE
+        }
+        ClientError::InvalidInput(_) => exit::INVALID_INPUT,
+        ClientError::Server { code, .. } => match code {
+            ErrorCode::RateLimited => exit::RATE_LIMITED,
+            ErrorCode::WrongCode
+            | ErrorCode::CodeExpired
+            | ErrorCode::TooManyAttempts
+            | ErrorCode::NoCodePending => exit::BAD_CODE,
+            ErrorCode::UnknownAccount => exit::UNKNOWN_NUMBER,
+            ErrorCode::InvalidNumber => exit::INVALID_INPUT,
+            _ => exit::FAILURE,
+        },
+        _ => exit::FAILURE,
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NATTER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let json = cli.json;
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("natter: cannot start: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = exit_code(&e);
+            if json {
+                let obj = serde_json::json!({"error": format!("{e:#}"), "exit_code": code});
+                println!("{obj}");
+            }
+            eprintln!("natter: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn parse_number(s: &str) -> anyhow::Result<PhoneNumber> {
+    PhoneNumber::parse(s).map_err(|e| ClientError::InvalidInput(e.to_string()).into())
+}
+
+fn default_home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".natter"))
+        .unwrap_or_else(|| PathBuf::from(".natter"))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let home = cli.home.clone().unwrap_or_else(default_home);
+    let client = Client::open(&home)
+        .await
+        .with_context(|| format!("opening {}", home.display()))?;
+    if let Some(server) = &cli.server {
+        client.set_server(server).await?;
+    }
+    let out = Printer::new(cli.json);
+    match cli.command {
+        Command::Register { number } => {
+            let phone = parse_number(&number)?;
+            let sent = client.register(&phone).await?;
+            out.code_sent(&phone, sent.expires_in_s);
+        }
+        Command::Verify { code } => {
+            client.verify(&code).await?;
+            if let Some(me) = client.whoami().await? {
+                out.registered(&me);
+            }
+        }
+        Command::Whoami => match client.whoami().await? {
+            Some(me) => out.whoami(&me),
+            None => return Err(ClientError::NotRegistered.into()),
+        },
+        Command::Send { number, text } => {
+            let peer = parse_number(&number)?;
+            let text = text.join(" ");
+            client.connect().await?;
+            let sent = client.send_text(&peer, &text).await?;
+            out.sent(&sent);
+            // Receipts for messages that arrived meanwhile go out now if they can.
+            let _ = client.wait_outbox_empty(Duration::from_secs(2)).await;
+            client.disconnect().await;
+        }
+        Command::Recv { wait } => recv(&client, &out, wait).await?,
+        Command::Chat { number } => chat(&client, &out, &parse_number(&number)?).await?,
+        Command::History { number } => {
+            let peer = parse_number(&number)?;
+            for m in client.history(&peer).await? {
+                out.history_entry(&m);
+            }
+        }
+        Command::ForgetServer => {
+            client.forget_server_key().await?;
+            out.note(
+                "the pinned server key is forgotten; the next connection pins the server's key",
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Connects, processes the server's backlog, prints what is new, then keeps listening until `wait`
+/// seconds pass with nothing new.
+async fn recv(client: &Client, out: &Printer, wait: f64) -> anyhow::Result<()> {
+    if !wait.is_finite() || !(0.0..=86_400.0).contains(&wait) {
+        return Err(ClientError::InvalidInput("--wait takes 0 to 86400 seconds".into()).into());
+    }
+    let mut events = client.subscribe();
+    client.connect().await?;
+    let backlog = async {
+        loop {
+            match events.recv().await {
+                Ok(Event::BacklogDone) => return Ok(()),
+                Ok(Event::DeviceRemoved(r)) => return Err(ClientError::DeviceRemoved(r)),
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return Ok(()),
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(30), backlog).await {
+        Ok(r) => r?,
+        Err(_) => out.note("the server did not finish sending the backlog in 30 s"),
+    }
+    print_unshown(client, out).await?;
+    let idle = Duration::from_secs_f64(wait);
+    if !idle.is_zero() {
+        loop {
+            match tokio::time::timeout(idle, events.recv()).await {
+                Err(_) => break,
+                Ok(Ok(Event::Message(_))) => print_unshown(client, out).await?,
+                Ok(Ok(Event::DeviceRemoved(r))) => return Err(ClientError::DeviceRemoved(r).into()),
+                Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(_)) => break,
+            }
+        }
+    }
+    let _ = client.wait_outbox_empty(Duration::from_secs(3)).await;
+    client.disconnect().await;
+    Ok(())
+}
+
+async fn print_unshown(client: &Client, out: &Printer) -> anyhow::Result<()> {
+    for m in client.take_unshown().await? {
+        out.message(&m);
+    }
+    Ok(())
+}
+
+async fn chat(client: &Client, out: &Printer, peer: &PhoneNumber) -> anyhow::Result<()> {
+    let history = client.history(peer).await?;
+    let start = history.len().saturating_sub(20);
+    for m in &history[start..] {
+        out.history_entry(m);
+    }
+    let mut events = client.subscribe();
+    client.connect().await?;
+    out.note(&format!(
+        "chatting with {peer}: type a message and press Enter; /quit or Ctrl-D to leave"
+    ));
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            line = lines.next_line() => {
+                let Some(line) = line? else { break };
+                let text = line.trim();
+                if text.is_empty() {
+                    continue;
+                }
+                if text == "/quit" {
+                    break;
+                }
+                match client.send_text(peer, text).await {
+                    Ok(m) => out.sent(&m),
+                    Err(e) if e.is_transient() => out.note(&format!("not sent yet ({e}); it goes out when the connection is back")),
+                    Err(e) => out.note(&format!("not sent: {e}")),
+                }
+            }
+            ev = events.recv() => match ev {
+                Ok(Event::Message(m)) if m.chat == *peer => {
+                    let unshown: Vec<MessageRecord> = client
+                        .take_unshown()
+                        .await?
+                        .into_iter()
+                        .filter(|u| u.chat == *peer || { out.message(u); false })
+                        .collect();
+                    for u in unshown {
+                        out.chat_line(&u);
+                    }
+                    let _ = m;
+                }
+                Ok(Event::Status { chat, id, status }) if chat == *peer => out.status(&id, status),
+                Ok(Event::Disconnected) => out.note("connection lost; reconnecting…"),
+                Ok(Event::Connected) => {}
+                Ok(Event::DeviceRemoved(r)) => return Err(ClientError::DeviceRemoved(r).into()),
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    let _ = client.wait_outbox_empty(Duration::from_secs(3)).await;
+    client.disconnect().await;
+    Ok(())
+}

@@ -189,6 +189,7 @@ mod tests {
                         ciphertext: vec![0; ct],
                     })
                     .collect(),
+                ..Default::default()
             })),
         }))
     }

@@ -116,7 +116,11 @@ impl Router {
         }
     }
 
-    fn shard(&self, phone: &PhoneNumber, device: DeviceId) -> &Mutex<HashMap<Key, Arc<ConnShared>>> {
+    fn shard(
+        &self,
+        phone: &PhoneNumber,
+        device: DeviceId,
+    ) -> &Mutex<HashMap<Key, Arc<ConnShared>>> {
         let mut h = DefaultHasher::new();
         phone.hash(&mut h);
         device.hash(&mut h);
@@ -218,10 +222,7 @@ mod tests {
         }
         assert_eq!(envelopes, MAX_UNACKED_PUSHES);
         assert_eq!(resyncs, 1);
-        assert_eq!(
-            conn.take_resync_mark(),
-            Some(MAX_UNACKED_PUSHES as u64 + 1)
-        );
+        assert_eq!(conn.take_resync_mark(), Some(MAX_UNACKED_PUSHES as u64 + 1));
         assert_eq!(conn.take_resync_mark(), None);
     }
 

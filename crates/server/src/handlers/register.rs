@@ -89,7 +89,11 @@ async fn verify(ctx: &RequestCtx, r: VerifyCode) -> Result<(response::Body, Logi
             last_seen_ms: now,
         },
     };
-    let removed = state.store.create_account(&new).await.map_err(store_error)?;
+    let removed = state
+        .store
+        .create_account(&new)
+        .await
+        .map_err(store_error)?;
     state.registration.consume(&*state.store, &phone).await?;
     for device in &removed {
         state.router.kick(

@@ -4,10 +4,10 @@
 
 use std::collections::BTreeSet;
 
+use natter_proto::limits::MAX_DECRYPT_RETRIES;
 use natter_proto::wire::{
     DeviceMessage, Error, ErrorCode, MismatchedDevices, SendMessage, Sent, response,
 };
-use natter_proto::limits::MAX_DECRYPT_RETRIES;
 use natter_proto::{DeviceId, MessageId, PhoneNumber};
 
 use super::register::unknown_account;
@@ -60,7 +60,10 @@ pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::
     };
     // A note to self goes to the sender's other devices only.
     let peer_devices: BTreeSet<DeviceId> = if recipient == login.phone {
-        peer_devices.into_iter().filter(|d| *d != login.device).collect()
+        peer_devices
+            .into_iter()
+            .filter(|d| *d != login.device)
+            .collect()
     } else {
         peer_devices
     };

@@ -73,7 +73,8 @@ pub struct FileGateway {
 #[async_trait]
 impl SmsGateway for FileGateway {
     async fn send_code(&self, phone: &PhoneNumber, code: &str) -> Result<(), GatewayError> {
-        let fail = |e: std::io::Error| GatewayError::Failed(format!("{}: {e}", self.path.display()));
+        let fail =
+            |e: std::io::Error| GatewayError::Failed(format!("{}: {e}", self.path.display()));
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(dir).await.map_err(fail)?;
         }
@@ -114,7 +115,10 @@ impl HttpGateway {
         if authority.is_empty() || authority.contains('@') {
             return Err(bad());
         }
-        let host_port = if authority.rsplit_once(':').is_some_and(|(_, p)| !p.contains(']')) {
+        let host_port = if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| !p.contains(']'))
+        {
             authority.to_owned()
         } else {
             format!("{authority}:80")

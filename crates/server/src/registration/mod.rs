@@ -40,10 +40,7 @@ impl std::fmt::Debug for Registration {
 fn rate_limited(what: &str, wait: Duration) -> Error {
     let mut e = Error::new(
         ErrorCode::RateLimited,
-        format!(
-            "too many {what}; try again in {} s",
-            wait.as_secs().max(1)
-        ),
+        format!("too many {what}; try again in {} s", wait.as_secs().max(1)),
     );
     e.retry_after_ms = wait.as_millis() as u64;
     e
@@ -51,7 +48,10 @@ fn rate_limited(what: &str, wait: Duration) -> Error {
 
 fn internal(e: impl std::fmt::Display) -> Error {
     tracing::warn!(error = %e, "registration store failure");
-    Error::new(ErrorCode::Unavailable, "the server could not complete the request; retry")
+    Error::new(
+        ErrorCode::Unavailable,
+        "the server could not complete the request; retry",
+    )
 }
 
 /// SHA-256 over the number and the code: the store never holds a code in the clear.
@@ -174,8 +174,7 @@ impl Registration {
             ));
         }
         let well_formed = code.len() == CODE_DIGITS && code.bytes().all(|b| b.is_ascii_digit());
-        let matches = well_formed
-            && bool::from(hash_code(phone, code).ct_eq(&pending.code_hash));
+        let matches = well_formed && bool::from(hash_code(phone, code).ct_eq(&pending.code_hash));
         if matches {
             return Ok(());
         }

@@ -244,8 +244,11 @@ pub trait Store: Send + Sync + 'static {
         key: &PreKeyRecord,
     ) -> StoreResult<()>;
     /// Unclaimed one-time keys of a device.
-    async fn count_one_time_keys(&self, phone: &PhoneNumber, device_id: DeviceId)
-    -> StoreResult<u32>;
+    async fn count_one_time_keys(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+    ) -> StoreResult<u32>;
     /// Claims (removes and returns) one one-time key of the device, oldest first, or its fallback key
     /// (not removed) when none is left. `None` if the device has neither.
     async fn claim_prekey(

@@ -1004,7 +1004,17 @@ impl Store for SqliteStore {
         .map_err(db)?;
         rows.into_iter()
             .map(
-                |(seq, sender, sender_device, message_id, ts, olm_type, ciphertext, retry_of, retry_attempt)| {
+                |(
+                    seq,
+                    sender,
+                    sender_device,
+                    message_id,
+                    ts,
+                    olm_type,
+                    ciphertext,
+                    retry_of,
+                    retry_attempt,
+                )| {
                     let retry = match retry_of {
                         Some(of) => Some(RetryInfo {
                             of: dec_message_id(&of)?,

@@ -157,11 +157,12 @@ impl Conn {
     ) -> Result<(), ConnError> {
         let refusal = self.hello(&hello).await?;
         let refused = refusal.is_some();
-        self.pending.push(Frame::new(frame::Body::ServerHello(ServerHello {
-            protocol_version: PROTOCOL_VERSION,
-            server_time_ms: crate::now_ms(),
-            error: refusal,
-        })));
+        self.pending
+            .push(Frame::new(frame::Body::ServerHello(ServerHello {
+                protocol_version: PROTOCOL_VERSION,
+                server_time_ms: crate::now_ms(),
+                error: refusal,
+            })));
         if refused {
             self.closing = true;
         }
@@ -233,7 +234,8 @@ impl Conn {
             .count_one_time_keys(&login.phone, login.device)
             .await?;
         if (keys as usize) < ONE_TIME_KEYS_LOW {
-            self.pending.push(push_frame(push::Body::KeysLow(KeysLow { remaining: keys })));
+            self.pending
+                .push(push_frame(push::Body::KeysLow(KeysLow { remaining: keys })));
         }
         tracing::debug!(device = %login.device, "logged in");
         self.login = Some(login);
@@ -242,6 +244,8 @@ impl Conn {
     }
 
     async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ConnError> {
+        // A client may pipeline frames behind its hello; they are already buffered.
+        self.drain_buffered().await?;
         loop {
             if !self.pending.is_empty() {
                 self.channel.seal_frames(&self.pending, &mut self.out)?;
@@ -309,17 +313,23 @@ impl Conn {
                 Ok(0) => return Err(ConnError::Closed),
                 Ok(_) => {
                     self.last_activity = Instant::now();
-                    while let Some(rec) = self.reader.next_record() {
-                        self.channel.open_record(&rec)?;
-                    }
-                    while let Some(f) = self.channel.next_frame()? {
-                        self.frame(f).await?;
-                    }
+                    self.drain_buffered().await?;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Decrypts every complete record buffered and handles every complete frame.
+    async fn drain_buffered(&mut self) -> Result<(), ConnError> {
+        while let Some(rec) = self.reader.next_record() {
+            self.channel.open_record(&rec)?;
+        }
+        while let Some(f) = self.channel.next_frame()? {
+            self.frame(f).await?;
+        }
+        Ok(())
     }
 
     async fn frame(&mut self, f: Frame) -> Result<(), ConnError> {
@@ -330,7 +340,8 @@ impl Conn {
                 Ok(())
             }
             Some(frame::Body::Ping(p)) => {
-                self.pending.push(Frame::new(frame::Body::Pong(Ping { nonce: p.nonce })));
+                self.pending
+                    .push(Frame::new(frame::Body::Pong(Ping { nonce: p.nonce })));
                 Ok(())
             }
             Some(frame::Body::Pong(_)) => Ok(()),
@@ -360,7 +371,9 @@ impl Conn {
                 format!("more than {MAX_INFLIGHT_REQUESTS} requests in flight"),
             );
             self.pending
-                .push(Frame::new(frame::Body::Response(handlers::error_response(req.id, e))));
+                .push(Frame::new(frame::Body::Response(handlers::error_response(
+                    req.id, e,
+                ))));
             return Ok(());
         }
         self.requests += 1;
@@ -419,7 +432,9 @@ impl Conn {
             ConnEvent::Push(p) => self.pending.push(Frame::new(frame::Body::Push(p))),
             ConnEvent::Kick(reason) => {
                 self.pending
-                    .push(push_frame(push::Body::DeviceRemoved(DeviceRemoved { reason })));
+                    .push(push_frame(push::Body::DeviceRemoved(DeviceRemoved {
+                        reason,
+                    })));
                 self.login = None;
                 self.closing = true;
             }

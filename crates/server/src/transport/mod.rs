@@ -15,7 +15,11 @@ use tracing::Instrument;
 use crate::server::ServerState;
 
 /// Accepts connections until `shutdown` turns true, then waits (briefly) for the drivers to finish.
-pub async fn run(state: Arc<ServerState>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    state: Arc<ServerState>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let permits = Arc::new(Semaphore::new(state.config.max_connections));
     let mut conns = JoinSet::new();
     loop {
@@ -54,7 +58,10 @@ pub async fn run(state: Arc<ServerState>, listener: TcpListener, mut shutdown: w
     }
     drop(listener);
     let drain = async { while conns.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
         conns.abort_all();
     }
 }

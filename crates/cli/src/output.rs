@@ -1,0 +1,260 @@
+//! Human and JSON output. JSON is one object per line; the field names are a contract for scripts.
+
+use natter_client::{MessageKind, MessageRecord, MessageStatus, WhoAmI};
+use natter_proto::{MessageId, PhoneNumber};
+use serde_json::json;
+
+/// Prints results in the chosen format.
+pub struct Printer {
+    json: bool,
+}
+
+fn status_word(s: MessageStatus) -> &'static str {
+    match s {
+        MessageStatus::Pending => "pending",
+        MessageStatus::Sent => "sent",
+        MessageStatus::Delivered => "delivered",
+        MessageStatus::Read => "read",
+        MessageStatus::Received => "received",
+        MessageStatus::Failed => "failed",
+    }
+}
+
+fn status_mark(s: MessageStatus) -> &'static str {
+    match s {
+        MessageStatus::Pending => "…",
+        MessageStatus::Sent => "✓",
+        MessageStatus::Delivered => "✓✓",
+        MessageStatus::Read => "✓✓ read",
+        MessageStatus::Received => "",
+        MessageStatus::Failed => "✗ not sent",
+    }
+}
+
+fn kind_word(k: MessageKind) -> &'static str {
+    match k {
+        MessageKind::Text => "text",
+        MessageKind::Undecryptable => "undecryptable",
+        MessageKind::Notice => "notice",
+    }
+}
+
+/// `YYYY-MM-DD HH:MM` in UTC for a millisecond timestamp.
+pub fn format_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
+}
+
+fn ts(m: &MessageRecord) -> u64 {
+    if m.server_ts_ms > 0 {
+        m.server_ts_ms
+    } else {
+        m.sent_at_ms
+    }
+}
+
+impl Printer {
+    /// A printer for text (`json == false`) or JSON lines.
+    pub fn new(json: bool) -> Self {
+        Self { json }
+    }
+
+    fn message_json(m: &MessageRecord, me_marker: bool) -> serde_json::Value {
+        let from = if m.from_me && me_marker {
+            serde_json::Value::String("me".into())
+        } else if m.from_me {
+            serde_json::Value::Null
+        } else {
+            json!(m.chat.as_str())
+        };
+        json!({
+            "id": m.id.to_hex(),
+            "chat": m.chat.as_str(),
+            "from": from,
+            "from_me": m.from_me,
+            "device": m.sender_device.get(),
+            "kind": kind_word(m.kind),
+            "text": m.text,
+            "ts": ts(m),
+            "sent_at": m.sent_at_ms,
+            "status": status_word(m.status),
+        })
+    }
+
+    fn line(m: &MessageRecord) -> String {
+        let who = if m.from_me {
+            "me".to_string()
+        } else {
+            m.chat.to_string()
+        };
+        match m.kind {
+            MessageKind::Text => format!("[{}] {who}: {}", format_time(ts(m)), m.text),
+            MessageKind::Undecryptable => format!(
+                "[{}] {who}: ⚠ could not decrypt this message (the sender's device may need to send it again)",
+                format_time(ts(m))
+            ),
+            MessageKind::Notice => format!("[{}] ⚠ {}", format_time(ts(m)), m.text),
+        }
+    }
+
+    /// A message printed by `recv`.
+    pub fn message(&self, m: &MessageRecord) {
+        if self.json {
+            let mut v = Self::message_json(m, false);
+            if m.from_me {
+                v["from"] = serde_json::Value::Null;
+            }
+            println!("{v}");
+        } else {
+            let chat = if m.from_me {
+                format!(" (to {})", m.chat)
+            } else {
+                String::new()
+            };
+            println!("{}{chat}", Self::line(m));
+        }
+    }
+
+    /// A line of `chat`.
+    pub fn chat_line(&self, m: &MessageRecord) {
+        if self.json {
+            println!("{}", Self::message_json(m, true));
+        } else {
+            println!("{}", Self::line(m));
+        }
+    }
+
+    /// An entry of `history`.
+    pub fn history_entry(&self, m: &MessageRecord) {
+        if self.json {
+            println!("{}", Self::message_json(m, true));
+        } else if m.from_me {
+            println!("{} {}", Self::line(m), status_mark(m.status));
+        } else {
+            println!("{}", Self::line(m));
+        }
+    }
+
+    /// A message the server accepted.
+    pub fn sent(&self, m: &MessageRecord) {
+        if self.json {
+            println!(
+                "{}",
+                json!({"id": m.id.to_hex(), "to": m.chat.as_str(), "status": status_word(m.status), "ts": ts(m)})
+            );
+        } else {
+            println!("✓ sent to {} ({})", m.chat, m.id);
+        }
+    }
+
+    /// A status change in `chat`.
+    pub fn status(&self, id: &MessageId, status: MessageStatus) {
+        if self.json {
+            println!(
+                "{}",
+                json!({"id": id.to_hex(), "status": status_word(status)})
+            );
+        } else if matches!(status, MessageStatus::Delivered | MessageStatus::Read) {
+            println!("  {} {}", status_mark(status), &id.to_hex()[..8]);
+        }
+    }
+
+    /// `register` succeeded.
+    pub fn code_sent(&self, phone: &PhoneNumber, expires_in_s: u32) {
+        if self.json {
+            println!(
+                "{}",
+                json!({"status": "code_sent", "phone": phone.as_str(), "expires_in_s": expires_in_s})
+            );
+        } else {
+            println!(
+                "code sent to {phone} by SMS (valid {} min): run `natter verify <code>`",
+                expires_in_s / 60
+            );
+        }
+    }
+
+    /// `verify` succeeded.
+    pub fn registered(&self, me: &WhoAmI) {
+        if self.json {
+            println!(
+                "{}",
+                json!({"status": "registered", "phone": me.phone.as_str(), "device": me.device_id.get()})
+            );
+        } else {
+            println!("registered {} on this device (primary)", me.phone);
+        }
+    }
+
+    /// `whoami`.
+    pub fn whoami(&self, me: &WhoAmI) {
+        if self.json {
+            println!(
+                "{}",
+                json!({
+                    "phone": me.phone.as_str(),
+                    "device": me.device_id.get(),
+                    "registered": me.registered,
+                    "account_key": me.account_key,
+                    "server": me.server,
+                })
+            );
+        } else {
+            let state = if me.registered {
+                "registered"
+            } else {
+                "registration pending: run `natter verify <code>`"
+            };
+            let role = if me.device_id.is_primary() {
+                "primary"
+            } else {
+                "companion"
+            };
+            println!(
+                "{} device {} ({role}), {state}\nserver: {}\naccount key: {}",
+                me.phone,
+                me.device_id,
+                me.server.as_deref().unwrap_or("(none)"),
+                me.account_key
+            );
+        }
+    }
+
+    /// A remark for the user (stderr in JSON mode, so stdout stays parseable).
+    pub fn note(&self, text: &str) {
+        if self.json {
+            eprintln!("{text}");
+        } else {
+            println!("{text}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_time;
+
+    #[test]
+    fn times_format_in_utc() {
+        assert_eq!(format_time(0), "1970-01-01 00:00");
+        assert_eq!(format_time(1_795_449_600_000), "2026-11-23 16:00");
+        assert_eq!(format_time(951_782_400_000), "2000-02-29 00:00");
+    }
+}

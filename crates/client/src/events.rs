@@ -1,0 +1,30 @@
+//! What a client tells its UI: new messages, status changes, connection state.
+
+use natter_proto::{MessageId, PhoneNumber};
+
+use crate::store::{MessageRecord, MessageStatus};
+
+/// Something that happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Logged in to the server.
+    Connected,
+    /// The connection ended; the client reconnects by itself unless the device was removed.
+    Disconnected,
+    /// A new entry in a conversation: an incoming message, a copy of one this account sent from another
+    /// device, an undecryptable placeholder, or a notice.
+    Message(MessageRecord),
+    /// One of our messages moved forward (sent, delivered, read) or failed.
+    Status {
+        /// The conversation.
+        chat: PhoneNumber,
+        /// The message.
+        id: MessageId,
+        /// Its new status.
+        status: MessageStatus,
+    },
+    /// Everything the server had queued when the connection opened has been processed.
+    BacklogDone,
+    /// This device was removed from its account (re-registration elsewhere or unlink).
+    DeviceRemoved(String),
+}

@@ -1,0 +1,281 @@
+//! The client's durable state behind one trait, [`ClientStore`]: a narrow set of reads plus one atomic
+//! write, [`ClientStore::save_changes`], so that everything one step of the protocol changes (a session
+//! ratchet, the message it decrypted, the envelope marked processed) lands together or not at all.
+//! Backends: [`memory`] (reference, tests) and [`sqlite`] (default: one file in the client's home).
+//! The store keeps bytes as given: secrets arrive already encrypted ([`natter_crypto::StoreCipher`],
+//! vodozemac pickles), so a backend never sees a private key in the clear.
+
+pub mod memory;
+pub mod sqlite;
+#[cfg(test)]
+pub(crate) mod tests;
+
+use async_trait::async_trait;
+use natter_proto::{DeviceId, MessageId, PhoneNumber};
+use serde::{Deserialize, Serialize};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A stored row does not decode.
+    #[error("corrupt local database: {0}")]
+    Corrupt(String),
+    /// The backend failed (I/O, disk full).
+    #[error("local database: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Result of a store operation.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// This device's identity. Written at `register`, completed at `verify`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityRecord {
+    /// The account's number.
+    pub phone: PhoneNumber,
+    /// This device's id (1 on the primary).
+    pub device_id: DeviceId,
+    /// Whether the server has confirmed the registration.
+    pub registered: bool,
+    /// The account's Ed25519 public key.
+    pub account_key: [u8; 32],
+    /// The account's secret key, encrypted with the store cipher (only on the primary).
+    pub account_secret: Option<Vec<u8>>,
+    /// The device's Olm account, as an encrypted vodozemac pickle.
+    pub device_pickle: String,
+    /// The device's Noise private key, encrypted with the store cipher.
+    pub noise_secret: Vec<u8>,
+    /// The device's name on its account's list.
+    pub device_name: String,
+}
+
+/// An Olm session with one device of a peer (or of our own account).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// The peer account.
+    pub phone: PhoneNumber,
+    /// The peer device.
+    pub device_id: DeviceId,
+    /// vodozemac's session id.
+    pub session_id: String,
+    /// Encrypted vodozemac pickle.
+    pub pickle: String,
+    /// Last time it encrypted or decrypted (ms since epoch); the newest is used for sending.
+    pub last_used_ms: u64,
+}
+
+/// What we know and trust about another account (or our own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerRecord {
+    /// The account.
+    pub phone: PhoneNumber,
+    /// The account key we trust for it.
+    pub account_key: [u8; 32],
+    /// The last verified device list (encoded `SignedDeviceList`).
+    pub device_list: Vec<u8>,
+    /// Its version; a lower one is refused.
+    pub device_list_version: u64,
+    /// When the account key last changed (re-registration), if it ever did.
+    pub key_changed_at_ms: Option<u64>,
+}
+
+/// What kind of entry a message is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageKind {
+    /// A text message.
+    Text,
+    /// A message that could not be decrypted even after every retry.
+    Undecryptable,
+    /// A notice from the client itself (e.g. "the safety number changed").
+    Notice,
+}
+
+/// Delivery state of a message. Only moves forward (except to `Failed`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageStatus {
+    /// Outgoing, not yet acknowledged by the server.
+    Pending,
+    /// Outgoing, durably stored by the server.
+    Sent,
+    /// Outgoing, decrypted by a device of the peer.
+    Delivered,
+    /// Outgoing, seen by the peer.
+    Read,
+    /// Incoming.
+    Received,
+    /// Outgoing, refused for good (e.g. the peer is not on Natter).
+    Failed,
+}
+
+/// One entry of a conversation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageRecord {
+    /// The conversation: the peer account.
+    pub chat: PhoneNumber,
+    /// The logical message id.
+    pub id: MessageId,
+    /// Sent by this account (from this or another of its devices).
+    pub from_me: bool,
+    /// The device that sent it.
+    pub sender_device: DeviceId,
+    /// What it is.
+    pub kind: MessageKind,
+    /// Its text (empty for undecryptable entries).
+    pub text: String,
+    /// Sender's clock at sending (ms since epoch).
+    pub sent_at_ms: u64,
+    /// Server's clock at acceptance (ms since epoch; 0 while pending).
+    pub server_ts_ms: u64,
+    /// Delivery state.
+    pub status: MessageStatus,
+    /// Whether a `recv` has printed it.
+    pub shown: bool,
+    /// Insertion order, assigned by the store (ignored on insert).
+    pub seq: i64,
+}
+
+/// Whether an outbox entry still has to be sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutboxState {
+    /// Waiting for the server's acknowledgement.
+    Queued,
+    /// Acknowledged; kept so that a retry request can be answered.
+    Sent,
+}
+
+/// A message to send (or sent), as the plaintext `Content` to encrypt per device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxRecord {
+    /// The envelope (transport) id; a resend gets its own.
+    pub transport_id: MessageId,
+    /// The logical message id inside the content.
+    pub logical_id: MessageId,
+    /// The conversation.
+    pub peer: PhoneNumber,
+    /// Encoded `Content`.
+    pub content: Vec<u8>,
+    /// For a resend: the only device to send to.
+    pub only_device: Option<(PhoneNumber, DeviceId)>,
+    /// For a resend: the failed envelope's transport id.
+    pub retry_of: Option<MessageId>,
+    /// For a resend: its attempt number.
+    pub retry_attempt: u32,
+    /// When it was queued (ms since epoch).
+    pub created_ms: u64,
+    /// Queued or sent.
+    pub state: OutboxState,
+}
+
+/// An envelope we could not decrypt, while we ask its sender to try again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailureRecord {
+    /// Sending account.
+    pub sender: PhoneNumber,
+    /// Sending device.
+    pub sender_device: DeviceId,
+    /// Transport id of the first envelope that failed.
+    pub original_id: MessageId,
+    /// Retry requests sent so far.
+    pub attempts: u32,
+    /// Server time of the failed envelope.
+    pub server_ts_ms: u64,
+}
+
+/// A status change for one of our messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusUpdate {
+    /// The conversation.
+    pub chat: PhoneNumber,
+    /// The message.
+    pub id: MessageId,
+    /// The new status; applied only if it moves the message forward.
+    pub status: MessageStatus,
+    /// Server time to record, if known (non-zero).
+    pub server_ts_ms: u64,
+}
+
+/// Everything one step changes, saved in one transaction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Replaces the identity.
+    pub identity: Option<IdentityRecord>,
+    /// Sets (`Some`) or deletes (`None`) small settings.
+    pub settings: Vec<(String, Option<Vec<u8>>)>,
+    /// Inserts or replaces sessions (by phone, device, session id).
+    pub sessions: Vec<SessionRecord>,
+    /// Deletes every session with these devices (their keys changed).
+    pub sessions_removed: Vec<(PhoneNumber, DeviceId)>,
+    /// Inserts or replaces peers.
+    pub peers: Vec<PeerRecord>,
+    /// Inserts messages; one whose (chat, id) exists is left as it is.
+    pub messages: Vec<MessageRecord>,
+    /// Moves messages forward.
+    pub statuses: Vec<StatusUpdate>,
+    /// Marks messages as printed by `recv`.
+    pub shown: Vec<(PhoneNumber, MessageId)>,
+    /// Inserts or replaces outbox entries (by transport id).
+    pub outbox: Vec<OutboxRecord>,
+    /// Marks outbox entries sent.
+    pub outbox_sent: Vec<MessageId>,
+    /// Records envelopes as processed (sender, transport id), so a redelivery is only acknowledged.
+    pub processed: Vec<(PhoneNumber, MessageId)>,
+    /// Inserts or replaces decryption failures (by sender, original id).
+    pub failures: Vec<FailureRecord>,
+    /// Removes decryption failures (sender, original id).
+    pub failures_cleared: Vec<(PhoneNumber, MessageId)>,
+}
+
+impl Changes {
+    /// Whether there is nothing to save.
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+}
+
+/// Everything a client keeps durably.
+#[async_trait]
+pub trait ClientStore: Send + Sync + 'static {
+    /// Saves all changes atomically.
+    async fn save_changes(&self, changes: Changes) -> StoreResult<()>;
+
+    /// This device's identity.
+    async fn identity(&self) -> StoreResult<Option<IdentityRecord>>;
+    /// A small setting.
+    async fn setting(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
+    /// Sessions with a device, most recently used first.
+    async fn sessions(
+        &self,
+        phone: &PhoneNumber,
+        device_id: DeviceId,
+    ) -> StoreResult<Vec<SessionRecord>>;
+    /// A peer.
+    async fn peer(&self, phone: &PhoneNumber) -> StoreResult<Option<PeerRecord>>;
+    /// Whether an envelope was processed.
+    async fn is_processed(
+        &self,
+        sender: &PhoneNumber,
+        transport_id: &MessageId,
+    ) -> StoreResult<bool>;
+    /// One message.
+    async fn message(
+        &self,
+        chat: &PhoneNumber,
+        id: &MessageId,
+    ) -> StoreResult<Option<MessageRecord>>;
+    /// A conversation, oldest first (by insertion order).
+    async fn history(&self, chat: &PhoneNumber) -> StoreResult<Vec<MessageRecord>>;
+    /// Messages with `shown == false`, oldest first (the client inserts what this device sent as shown).
+    async fn unshown(&self) -> StoreResult<Vec<MessageRecord>>;
+    /// Outbox entries still queued, oldest first.
+    async fn queued_outbox(&self) -> StoreResult<Vec<OutboxRecord>>;
+    /// One outbox entry by transport id.
+    async fn outbox_entry(&self, transport_id: &MessageId) -> StoreResult<Option<OutboxRecord>>;
+    /// A decryption failure.
+    async fn failure(
+        &self,
+        sender: &PhoneNumber,
+        original_id: &MessageId,
+    ) -> StoreResult<Option<FailureRecord>>;
+}
