@@ -1,1 +1,225 @@
-//! placeholder
+//! natter-testkit: real parts for tests. [`TestServer`] runs a real natterd on a loopback port (port 0)
+//! with a temporary data directory and a file SMS gateway; [`TestClient`] is a real natter-client device
+//! in its own temporary home, registered through that gateway. Nothing here is mocked.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use natter_client::{Client, Event, MessageRecord};
+use natter_proto::PhoneNumber;
+use natter_server::{Server, ServerConfig};
+use tempfile::TempDir;
+
+/// Installs a test log subscriber once (`NATTER_TEST_LOG=debug` to see logs).
+pub fn init_logging() {
+    use std::sync::Once;
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let filter = std::env::var("NATTER_TEST_LOG").unwrap_or_else(|_| "warn".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// A natterd on 127.0.0.1 with its own temporary data directory.
+pub struct TestServer {
+    server: Option<Server>,
+    dir: TempDir,
+    config: ServerConfig,
+}
+
+impl std::fmt::Debug for TestServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestServer")
+            .field("addr", &self.config.listen)
+            .finish()
+    }
+}
+
+impl TestServer {
+    /// Starts a server with default settings.
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a server after `tweak` adjusts its configuration (data dir, listen address and SMS
+    /// gateway are set already).
+    pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        init_logging();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = ServerConfig::new(dir.path().join("data"));
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.sms_gateway = format!("file:{}", dir.path().join("sms.log").display());
+        tweak(&mut config);
+        let server = Server::start(config.clone()).await.expect("natterd starts");
+        config.listen = server.local_addr();
+        TestServer {
+            server: Some(server),
+            dir,
+            config,
+        }
+    }
+
+    /// `host:port` to give clients.
+    pub fn addr(&self) -> String {
+        self.config.listen.to_string()
+    }
+
+    /// The server's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.config.data_dir
+    }
+
+    /// The file the SMS gateway writes to.
+    pub fn sms_log(&self) -> PathBuf {
+        self.dir.path().join("sms.log")
+    }
+
+    /// The last code sent to `phone`, from the SMS log.
+    pub fn last_code(&self, phone: &str) -> Option<String> {
+        let text = std::fs::read_to_string(self.sms_log()).ok()?;
+        text.lines()
+            .rev()
+            .filter_map(|l| l.split_once(' '))
+            .find(|(p, _)| *p == phone)
+            .map(|(_, c)| c.to_owned())
+    }
+
+    /// The running server.
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().expect("server running")
+    }
+
+    /// Stops the server (clients lose their connections).
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+    }
+
+    /// Stops the server and starts it again on the same address and data directory.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let mut last = None;
+        for _ in 0..50 {
+            match Server::start(self.config.clone()).await {
+                Ok(s) => {
+                    self.server = Some(s);
+                    return;
+                }
+                Err(e) => {
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        panic!("natterd did not restart: {last:?}");
+    }
+}
+
+/// A registered device in its own temporary home.
+pub struct TestClient {
+    /// The client.
+    pub client: Client,
+    /// Its account.
+    pub phone: PhoneNumber,
+    home: TempDir,
+}
+
+impl std::fmt::Debug for TestClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestClient")
+            .field("phone", &self.phone)
+            .finish()
+    }
+}
+
+impl TestClient {
+    /// Registers `phone` on `server` (reading the code from the SMS log) and returns the device,
+    /// not yet connected.
+    pub async fn register(server: &TestServer, phone: &str) -> TestClient {
+        let home = tempfile::tempdir().expect("temp home");
+        let client = Client::open(home.path()).await.expect("open home");
+        client.set_server(&server.addr()).await.expect("server");
+        let phone = PhoneNumber::parse(phone).expect("phone");
+        client.register(&phone).await.expect("register");
+        let code = server.last_code(phone.as_str()).expect("code in sms log");
+        client.verify(&code).await.expect("verify");
+        TestClient {
+            client,
+            phone,
+            home,
+        }
+    }
+
+    /// Registers and connects.
+    pub async fn online(server: &TestServer, phone: &str) -> TestClient {
+        let c = Self::register(server, phone).await;
+        c.client.connect().await.expect("connect");
+        c
+    }
+
+    /// The home directory.
+    pub fn home(&self) -> &Path {
+        self.home.path()
+    }
+
+    /// Simulates the process ending and starting again: stops the client and opens its home anew
+    /// (the home's lock is free once every task of the old client has ended).
+    pub async fn reopen(self) -> TestClient {
+        let TestClient {
+            client,
+            phone,
+            home,
+        } = self;
+        client.disconnect().await;
+        drop(client);
+        let client = Client::open(home.path()).await.expect("reopen home");
+        TestClient {
+            client,
+            phone,
+            home,
+        }
+    }
+}
+
+/// Waits for the next message event matching `pred`; panics after `timeout`.
+pub async fn next_message(
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    timeout: Duration,
+    pred: impl Fn(&MessageRecord) -> bool,
+) -> MessageRecord {
+    tokio::time::timeout(timeout, async {
+        loop {
+            match events.recv().await {
+                Ok(Event::Message(m)) if pred(&m) => return m,
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("event stream ended: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("message within the timeout")
+}
+
+/// Waits until `cond` holds, polling; panics after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
