@@ -168,7 +168,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(server) = &cli.server {
         client.set_server(server).await?;
     }
-    let out = Printer::new(cli.json);
+    let me = client.whoami().await?.map(|w| w.phone);
+    let out = Printer::new(cli.json, me);
     match cli.command {
         Command::Register { number } => {
             let phone = parse_number(&number)?;

@@ -7,6 +7,7 @@ use serde_json::json;
 /// Prints results in the chosen format.
 pub struct Printer {
     json: bool,
+    me: Option<PhoneNumber>,
 }
 
 fn status_word(s: MessageStatus) -> &'static str {
@@ -72,17 +73,15 @@ fn ts(m: &MessageRecord) -> u64 {
 
 impl Printer {
     /// A printer for text (`json == false`) or JSON lines.
-    pub fn new(json: bool) -> Self {
-        Self { json }
+    pub fn new(json: bool, me: Option<PhoneNumber>) -> Self {
+        Self { json, me }
     }
 
-    fn message_json(m: &MessageRecord, me_marker: bool) -> serde_json::Value {
-        let from = if m.from_me && me_marker {
-            serde_json::Value::String("me".into())
-        } else if m.from_me {
-            serde_json::Value::Null
-        } else {
-            json!(m.chat.as_str())
+    fn message_json(&self, m: &MessageRecord) -> serde_json::Value {
+        let from = match (&self.me, m.from_me) {
+            (Some(me), true) => json!(me.as_str()),
+            (None, true) => serde_json::Value::Null,
+            (_, false) => json!(m.chat.as_str()),
         };
         json!({
             "id": m.id.to_hex(),
@@ -117,11 +116,7 @@ impl Printer {
     /// A message printed by `recv`.
     pub fn message(&self, m: &MessageRecord) {
         if self.json {
-            let mut v = Self::message_json(m, false);
-            if m.from_me {
-                v["from"] = serde_json::Value::Null;
-            }
-            println!("{v}");
+            println!("{}", self.message_json(m));
         } else {
             let chat = if m.from_me {
                 format!(" (to {})", m.chat)
@@ -135,7 +130,7 @@ impl Printer {
     /// A line of `chat`.
     pub fn chat_line(&self, m: &MessageRecord) {
         if self.json {
-            println!("{}", Self::message_json(m, true));
+            println!("{}", self.message_json(m));
         } else {
             println!("{}", Self::line(m));
         }
@@ -144,7 +139,7 @@ impl Printer {
     /// An entry of `history`.
     pub fn history_entry(&self, m: &MessageRecord) {
         if self.json {
-            println!("{}", Self::message_json(m, true));
+            println!("{}", self.message_json(m));
         } else if m.from_me {
             println!("{} {}", Self::line(m), status_mark(m.status));
         } else {

@@ -122,7 +122,9 @@ impl Connection {
                         break h.server_time_ms;
                     }
                     _ => {
-                        return Err(ProtoError::Unexpected("frame before the server's hello").into());
+                        return Err(
+                            ProtoError::Unexpected("frame before the server's hello").into()
+                        );
                     }
                 }
             }

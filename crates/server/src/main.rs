@@ -23,6 +23,15 @@ struct Args {
     /// Maximum simultaneous connections.
     #[arg(long, default_value_t = 18_000)]
     max_connections: usize,
+    /// Registration codes one client IP may request per hour.
+    #[arg(long, default_value_t = 20)]
+    codes_per_ip_per_hour: u32,
+    /// Code verifications one client IP may attempt per hour.
+    #[arg(long, default_value_t = 60)]
+    verifies_per_ip_per_hour: u32,
+    /// Registration codes one number may receive per hour.
+    #[arg(long, default_value_t = 5)]
+    codes_per_number_per_hour: u32,
 }
 
 #[tokio::main]
@@ -39,6 +48,9 @@ async fn main() -> anyhow::Result<()> {
     config.listen = args.listen;
     config.sms_gateway = args.sms_gateway;
     config.max_connections = args.max_connections;
+    config.registration.codes_per_ip_per_hour = args.codes_per_ip_per_hour;
+    config.registration.verifies_per_ip_per_hour = args.verifies_per_ip_per_hour;
+    config.registration.codes_per_number_per_hour = args.codes_per_number_per_hour;
     let server = Server::start(config)
         .await
         .with_context(|| format!("starting natterd in {}", args.data.display()))?;
