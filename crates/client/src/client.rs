@@ -44,10 +44,33 @@ pub struct WhoAmI {
     pub server: Option<String>,
 }
 
-/// A device: its store, its keys and its connection.
+/// A device: its store, its keys and its connection. Clones share everything; when the last clone a
+/// caller holds is dropped, the background connection stops and the home directory is released.
 #[derive(Clone)]
 pub struct Client {
     pub(crate) inner: Arc<Inner>,
+    /// Present in the caller's handles, absent in the clones background tasks hold, so that those tasks
+    /// do not keep the client alive.
+    _owner: Option<Arc<Owner>>,
+}
+
+/// Stops the background work when the last caller-held [`Client`] goes.
+struct Owner {
+    inner: std::sync::Weak<Inner>,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.upgrade()
+            && let Some(task) = inner
+                .supervisor
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+        {
+            task.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -164,18 +187,30 @@ impl Client {
     ) -> Client {
         let (events, _) = broadcast::channel(4096);
         let (conn, _) = watch::channel(None);
+        let inner = Arc::new(Inner {
+            home,
+            store,
+            cipher,
+            _lock: lock,
+            events,
+            crypto: tokio::sync::Mutex::new(()),
+            sending: tokio::sync::Mutex::new(()),
+            conn,
+            supervisor: Mutex::new(None),
+        });
         Client {
-            inner: Arc::new(Inner {
-                home,
-                store,
-                cipher,
-                _lock: lock,
-                events,
-                crypto: tokio::sync::Mutex::new(()),
-                sending: tokio::sync::Mutex::new(()),
-                conn,
-                supervisor: Mutex::new(None),
-            }),
+            _owner: Some(Arc::new(Owner {
+                inner: Arc::downgrade(&inner),
+            })),
+            inner,
+        }
+    }
+
+    /// A handle for background tasks: it does not keep the client alive.
+    pub(crate) fn background(&self) -> Client {
+        Client {
+            inner: self.inner.clone(),
+            _owner: None,
         }
     }
 
@@ -484,7 +519,7 @@ impl Client {
     /// [`Client::disconnect`] or the device is removed. Returns once the first login succeeded.
     pub async fn connect(&self) -> Result<()> {
         let (conn, pushes) = self.login().await?;
-        let client = self.clone();
+        let client = self.background();
         let task = tokio::spawn(async move { client.supervise(conn, pushes).await });
         if let Some(old) = self
             .inner
@@ -525,7 +560,7 @@ impl Client {
         let mut backoff = Duration::from_millis(200);
         loop {
             let flusher = {
-                let client = self.clone();
+                let client = self.background();
                 tokio::spawn(async move {
                     if let Err(e) = client.flush_outbox().await {
                         tracing::debug!(error = %e, "outbox flush stopped");

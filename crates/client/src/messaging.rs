@@ -465,7 +465,7 @@ impl Client {
         if let Err(e) = self.queue_follow_ups(&me, outcome).await {
             tracing::warn!(error = %e, "could not queue receipts");
         }
-        let client = self.clone();
+        let client = self.background();
         tokio::spawn(async move {
             if let Err(e) = client.flush_outbox().await {
                 tracing::debug!(error = %e, "outbox flush stopped");
@@ -836,7 +836,7 @@ impl Client {
         }
         self.inner.store.save_changes(changes).await?;
         if self.is_connected() {
-            let client = self.clone();
+            let client = self.background();
             tokio::spawn(async move {
                 if let Err(e) = client.flush_outbox().await {
                     tracing::debug!(error = %e, "outbox flush stopped");
