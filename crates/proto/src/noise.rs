@@ -10,9 +10,7 @@ use zeroize::Zeroizing;
 
 use crate::error::ProtoError;
 use crate::frame::{FrameDecoder, encode_frame};
-use crate::limits::{
-    MAX_HANDSHAKE_PAYLOAD, MAX_NOISE_MESSAGE, MAX_RECORD_PLAINTEXT, NOISE_TAG_LEN,
-};
+use crate::limits::{MAX_HANDSHAKE_PAYLOAD, MAX_RECORD_PLAINTEXT, NOISE_TAG_LEN};
 use crate::wire::Frame;
 
 /// The Noise protocol name.
@@ -22,6 +20,8 @@ pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
 pub const PROLOGUE: &[u8] = b"natter/noise/v1";
 /// Bytes of a record's length prefix.
 pub const RECORD_PREFIX: usize = 2;
+/// Largest handshake overhead of XX beyond the payload: two public keys and two tags.
+const HANDSHAKE_OVERHEAD: usize = 2 * 32 + 2 * NOISE_TAG_LEN;
 
 fn params() -> Result<snow::params::NoiseParams, ProtoError> {
     NOISE_PARAMS.parse().map_err(|_| ProtoError::Noise)
@@ -164,7 +164,8 @@ impl Handshake {
                 max: MAX_HANDSHAKE_PAYLOAD,
             });
         }
-        let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
+        // Room for the payload plus the largest XX overhead (two keys, two tags).
+        let mut buf = vec![0u8; payload.len() + HANDSHAKE_OVERHEAD];
         let n = self.state.write_message(payload, &mut buf)?;
         out.extend_from_slice(&(n as u16).to_be_bytes());
         out.extend_from_slice(&buf[..n]);
@@ -173,7 +174,7 @@ impl Handshake {
 
     /// Reads the peer's next handshake message (without its prefix) and returns its payload.
     pub fn read_record(&mut self, msg: &[u8]) -> Result<Vec<u8>, ProtoError> {
-        let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
+        let mut buf = vec![0u8; msg.len()];
         let n = self.state.read_message(msg, &mut buf)?;
         if n > MAX_HANDSHAKE_PAYLOAD {
             return Err(ProtoError::LimitExceeded {

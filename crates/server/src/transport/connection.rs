@@ -206,9 +206,13 @@ impl Conn {
         };
         let remote = self.channel.remote_static();
         if !bool::from(record.noise_key.ct_eq(&remote)) {
+            // Device ids are reused: after the number was registered again, the old phone's slot holds
+            // the new phone's key. For the old phone that is a removal (it must stop reconnecting).
             return Ok(Some(Error::new(
-                ErrorCode::Unauthorized,
-                "this device's key does not match the registered one",
+                ErrorCode::DeviceRemoved,
+                format!(
+                    "this device's key is not the one registered for {phone} (the number was registered again, or the device was unlinked): register again"
+                ),
             )));
         }
         self.log_in(Login { phone, device }).await?;
@@ -248,8 +252,9 @@ impl Conn {
         self.drain_buffered().await?;
         loop {
             if !self.pending.is_empty() {
-                self.channel.seal_frames(&self.pending, &mut self.out)?;
-                self.pending.clear();
+                // Taken, not cleared: an idle connection keeps no capacity from its last burst.
+                let frames = std::mem::take(&mut self.pending);
+                self.channel.seal_frames(&frames, &mut self.out)?;
                 self.try_flush()?;
             }
             if self.closing && self.out.is_empty() {
