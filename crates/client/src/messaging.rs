@@ -408,7 +408,10 @@ impl Client {
                                 }
                             }
                             push::Body::DeviceRemoved(r) => return Some(r.reason),
-                            push::Body::Envelope(_) => {}
+                            push::Body::Envelope(_)
+                            | push::Body::LinkOffered(_)
+                            | push::Body::LinkAccepted(_)
+                            | push::Body::LinkDone(_) => {}
                         }
                     }
                     None => tracing::debug!("empty push"),
@@ -582,11 +585,13 @@ impl Client {
         // The sender device's identity key comes from its account's signed list, never from the server
         // alone.
         let mut curve = None;
+        let mut from_cache = false;
         for refresh in [false, true] {
             match self.peer_devices(&sender, refresh).await {
                 Ok(peer) => {
                     if let Some(d) = peer.list.device(device) {
                         curve = Some(key32(&d.identity_curve)?);
+                        from_cache = !refresh;
                         break;
                     }
                 }
@@ -601,13 +606,32 @@ impl Client {
         let _crypto = self.inner.crypto.lock().await;
         let mut changes = Changes::default();
         changes.processed.push((sender.clone(), tid));
-        let decrypted = match curve {
+        let mut decrypted = match curve {
             Some(curve) => {
                 self.decrypt(&sender, device, &curve, &msg, &mut changes)
                     .await?
             }
             None => None,
         };
+        if decrypted.is_none() && from_cache {
+            // The cached list may be stale: the number may have been registered again on a new phone,
+            // which reuses the device id with new keys. Refresh it once (a changed account key leaves a
+            // notice in the conversation) and try again if the device's key changed.
+            match self.peer_devices(&sender, true).await {
+                Ok(peer) => {
+                    if let Some(d) = peer.list.device(device) {
+                        let fresh = key32(&d.identity_curve)?;
+                        if Some(fresh) != curve {
+                            decrypted = self
+                                .decrypt(&sender, device, &fresh, &msg, &mut changes)
+                                .await?;
+                        }
+                    }
+                }
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => tracing::warn!(error = %e, "sender's device list is not trustworthy"),
+            }
+        }
         let content = decrypted.and_then(|pt| {
             Content::decode(pt.as_slice())
                 .ok()

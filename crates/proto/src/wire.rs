@@ -108,7 +108,7 @@ pub struct Request {
     #[prost(uint64, tag = "1")]
     pub id: u64,
     /// The operation.
-    #[prost(oneof = "request::Body", tags = "2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "request::Body", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13")]
     pub body: Option<request::Body>,
 }
 
@@ -135,6 +135,24 @@ pub mod request {
         /// Send one message, encrypted once per device.
         #[prost(message, tag = "7")]
         SendMessage(super::SendMessage),
+        /// Companion, anonymous: open a link session and get its one-time reference.
+        #[prost(message, tag = "8")]
+        CreateLinkRef(super::CreateLinkRef),
+        /// Primary: offer the account to the companion behind a reference.
+        #[prost(message, tag = "9")]
+        LinkOffer(super::LinkOffer),
+        /// Companion: accept the offer (with its counter-signature, sealed for the primary).
+        #[prost(message, tag = "10")]
+        LinkAccept(super::LinkAccept),
+        /// Primary: publish a new signed device list (adding a linked companion or removing a device).
+        #[prost(message, tag = "11")]
+        PublishDeviceList(super::PublishDeviceList),
+        /// A companion removes itself from its account.
+        #[prost(message, tag = "12")]
+        RemoveSelf(super::RemoveSelf),
+        /// The account's devices with their connection state.
+        #[prost(message, tag = "13")]
+        ListOwnDevices(super::ListOwnDevices),
     }
 }
 
@@ -148,7 +166,7 @@ pub struct Response {
     #[prost(message, optional, tag = "2")]
     pub error: Option<Error>,
     /// The result of a successful request.
-    #[prost(oneof = "response::Body", tags = "3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "response::Body", tags = "3, 4, 5, 6, 7, 8, 9, 10, 11, 12")]
     pub body: Option<response::Body>,
 }
 
@@ -175,6 +193,18 @@ pub mod response {
         /// The message is durably stored for every device.
         #[prost(message, tag = "8")]
         Sent(super::Sent),
+        /// A link session is open.
+        #[prost(message, tag = "9")]
+        LinkRef(super::LinkRef),
+        /// Done, nothing to report (link offer and accept relayed, device removed).
+        #[prost(message, tag = "10")]
+        Done(super::Done),
+        /// The new device list is stored.
+        #[prost(message, tag = "11")]
+        DeviceListPublished(super::DeviceListPublished),
+        /// The account's devices.
+        #[prost(message, tag = "12")]
+        OwnDevices(super::OwnDevices),
     }
 }
 
@@ -233,6 +263,14 @@ pub enum ErrorCode {
     Unavailable = 15,
     /// The SMS gateway could not send the code.
     SmsFailed = 16,
+    /// The link reference is unknown or has expired (they live 60 s): show a new QR code.
+    LinkExpired = 17,
+    /// The account already has the maximum number of devices.
+    TooManyDevices = 18,
+    /// A device list's version is not newer than the stored one, or it changes devices it may not.
+    StaleDeviceList = 19,
+    /// Only the primary device may do this.
+    NotPrimary = 20,
 }
 
 /// For one account, the devices a send missed and the devices it addressed that do not exist.
@@ -449,7 +487,7 @@ pub struct Sent {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Push {
     /// What it is.
-    #[prost(oneof = "push::Body", tags = "1, 2, 3, 4, 5")]
+    #[prost(oneof = "push::Body", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
     pub body: Option<push::Body>,
 }
 
@@ -474,6 +512,15 @@ pub mod push {
         /// the connection after this push.
         #[prost(message, tag = "5")]
         DeviceRemoved(super::DeviceRemoved),
+        /// To a linking companion: a primary scanned the QR code and offers its account.
+        #[prost(message, tag = "6")]
+        LinkOffered(super::LinkOffered),
+        /// To the primary: the companion accepted.
+        #[prost(message, tag = "7")]
+        LinkAccepted(super::LinkAccepted),
+        /// To the companion: the primary published the list with it; it may log in now.
+        #[prost(message, tag = "8")]
+        LinkDone(super::LinkDone),
     }
 }
 
@@ -556,3 +603,129 @@ impl Error {
         }
     }
 }
+
+/// Opens a link session (anonymous connection of a would-be companion). The connection must stay open:
+/// the server pushes the primary's offer and the final result on it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CreateLinkRef {}
+
+/// A link session.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinkRef {
+    /// One-time reference (16 bytes), shown in the QR code.
+    #[prost(bytes = "vec", tag = "1")]
+    pub reference: Vec<u8>,
+    /// Seconds until it expires.
+    #[prost(uint32, tag = "2")]
+    pub expires_in_s: u32,
+}
+
+/// The primary offers its account to the companion behind `reference`. `sealed` is readable only with the
+/// secret in the QR code, which the server never sees.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinkOffer {
+    /// The reference from the QR code.
+    #[prost(bytes = "vec", tag = "1")]
+    pub reference: Vec<u8>,
+    /// A sealed [`crate::link::OfferPayload`].
+    #[prost(bytes = "vec", tag = "2")]
+    pub sealed: Vec<u8>,
+}
+
+/// The companion accepts, sending its counter-signature sealed for the primary.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinkAccept {
+    /// The reference.
+    #[prost(bytes = "vec", tag = "1")]
+    pub reference: Vec<u8>,
+    /// A sealed [`crate::link::AcceptPayload`].
+    #[prost(bytes = "vec", tag = "2")]
+    pub sealed: Vec<u8>,
+}
+
+/// Pushed to the companion: the primary's sealed offer.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinkOffered {
+    /// The reference.
+    #[prost(bytes = "vec", tag = "1")]
+    pub reference: Vec<u8>,
+    /// As in [`LinkOffer`].
+    #[prost(bytes = "vec", tag = "2")]
+    pub sealed: Vec<u8>,
+}
+
+/// Pushed to the primary: the companion's sealed acceptance.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinkAccepted {
+    /// The reference.
+    #[prost(bytes = "vec", tag = "1")]
+    pub reference: Vec<u8>,
+    /// As in [`LinkAccept`].
+    #[prost(bytes = "vec", tag = "2")]
+    pub sealed: Vec<u8>,
+}
+
+/// Pushed to the companion: it is on the account's list now.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinkDone {
+    /// The account.
+    #[prost(string, tag = "1")]
+    pub phone: String,
+    /// The companion's device id.
+    #[prost(uint32, tag = "2")]
+    pub device_id: u32,
+}
+
+/// A new signed device list from the primary. Devices it drops are removed (disconnected, their queues
+/// deleted); a device it adds must be the companion of `link_reference`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PublishDeviceList {
+    /// The list.
+    #[prost(message, optional, tag = "1")]
+    pub device_list: Option<SignedDeviceList>,
+    /// The link session whose companion the list adds (empty when only removing).
+    #[prost(bytes = "vec", tag = "2")]
+    pub link_reference: Vec<u8>,
+}
+
+/// The list is stored.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeviceListPublished {
+    /// Its version.
+    #[prost(uint64, tag = "1")]
+    pub version: u64,
+}
+
+/// A companion leaves its account.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RemoveSelf {}
+
+/// Asks for the account's devices and their state.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListOwnDevices {}
+
+/// The account's devices as the server sees them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OwnDevices {
+    /// One entry per device.
+    #[prost(message, repeated, tag = "1")]
+    pub devices: Vec<DeviceStatus>,
+}
+
+/// One device's state.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeviceStatus {
+    /// The device.
+    #[prost(uint32, tag = "1")]
+    pub device_id: u32,
+    /// Last connection, ms since the Unix epoch.
+    #[prost(uint64, tag = "2")]
+    pub last_seen_ms: u64,
+    /// Connected now.
+    #[prost(bool, tag = "3")]
+    pub online: bool,
+}
+
+/// An empty success.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Done {}

@@ -97,6 +97,15 @@ pub async fn handle(ctx: &RequestCtx, req: Request) -> Response {
         Some(request::Body::ClaimKeys(r)) => keys::claim_keys(ctx, r).await,
         Some(request::Body::GetDevices(r)) => devices::get_devices(ctx, r).await,
         Some(request::Body::SendMessage(r)) => send::send_message(ctx, r).await,
+        Some(request::Body::CreateLinkRef(_))
+        | Some(request::Body::LinkAccept(_))
+        | Some(request::Body::LinkOffer(_))
+        | Some(request::Body::PublishDeviceList(_))
+        | Some(request::Body::RemoveSelf(_))
+        | Some(request::Body::ListOwnDevices(_)) => Err(Error::new(
+            ErrorCode::UnsupportedFeature,
+            "device linking is not available on this server yet",
+        )),
         None => Err(bad_request("unknown request")),
     };
     match result {
