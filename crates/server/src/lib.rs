@@ -7,12 +7,14 @@
 //! - [`handlers`]: one module per request kind, turning a request into a response.
 //! - [`registration`]: phone-number registration: codes, rate limits, SMS gateways.
 //! - [`delivery`]: routing to online devices (the [`delivery::Router`]).
+//! - [`directory`]: open companion link sessions and device-list watchers (in memory).
 //! - [`store`]: the [`store::Store`] trait and its backends (SQLite by default).
 //!
 //! The server routes and stores ciphertext only; it never holds a private key of a user or a plaintext.
 
 pub mod config;
 pub mod delivery;
+pub mod directory;
 pub mod handlers;
 pub mod registration;
 pub mod server;

@@ -51,6 +51,10 @@ pub struct ServerState {
     pub router: Router,
     /// Registration codes and their limits.
     pub registration: Registration,
+    /// Open companion link sessions.
+    pub links: crate::directory::LinkSessions,
+    /// Who follows whose device list.
+    pub watchers: crate::directory::Watchers,
     /// The server's Noise static key, which clients pin.
     pub noise_key: StaticKeypair,
     /// The configuration it runs with.
@@ -149,6 +153,8 @@ impl Server {
             store,
             router: Router::new(),
             registration: Registration::new(gateway, config.registration.clone()),
+            links: Default::default(),
+            watchers: Default::default(),
             noise_key,
             config,
             next_conn_id: AtomicU64::new(1),

@@ -3,6 +3,7 @@
 
 pub mod devices;
 pub mod keys;
+pub mod link;
 pub mod register;
 pub mod send;
 
@@ -35,6 +36,8 @@ pub struct RequestCtx {
     pub peer_ip: IpAddr,
     /// The client's Noise static key, authenticated by the handshake.
     pub remote_static: [u8; 32],
+    /// The connection, for requests whose effects come back later as pushes (linking).
+    pub conn: Arc<crate::delivery::ConnShared>,
 }
 
 impl RequestCtx {
@@ -97,15 +100,12 @@ pub async fn handle(ctx: &RequestCtx, req: Request) -> Response {
         Some(request::Body::ClaimKeys(r)) => keys::claim_keys(ctx, r).await,
         Some(request::Body::GetDevices(r)) => devices::get_devices(ctx, r).await,
         Some(request::Body::SendMessage(r)) => send::send_message(ctx, r).await,
-        Some(request::Body::CreateLinkRef(_))
-        | Some(request::Body::LinkAccept(_))
-        | Some(request::Body::LinkOffer(_))
-        | Some(request::Body::PublishDeviceList(_))
-        | Some(request::Body::RemoveSelf(_))
-        | Some(request::Body::ListOwnDevices(_)) => Err(Error::new(
-            ErrorCode::UnsupportedFeature,
-            "device linking is not available on this server yet",
-        )),
+        Some(request::Body::CreateLinkRef(r)) => link::create_link_ref(ctx, r).await,
+        Some(request::Body::LinkOffer(r)) => link::link_offer(ctx, r).await,
+        Some(request::Body::LinkAccept(r)) => link::link_accept(ctx, r).await,
+        Some(request::Body::PublishDeviceList(r)) => devices::publish_device_list(ctx, r).await,
+        Some(request::Body::RemoveSelf(r)) => devices::remove_self(ctx, r).await,
+        Some(request::Body::ListOwnDevices(r)) => devices::list_own_devices(ctx, r).await,
         None => Err(bad_request("unknown request")),
     };
     match result {

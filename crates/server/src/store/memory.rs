@@ -22,8 +22,8 @@ use async_trait::async_trait;
 use natter_proto::{DeviceId, MessageId, PhoneNumber};
 
 use super::{
-    AccountRecord, ClaimedPreKey, CodeRecord, DeviceRecord, EnqueueOutcome, NewAccount, NewMessage,
-    PreKeyRecord, QueuedEnvelope, Store, StoreError, StoreResult,
+    AccountRecord, ClaimedPreKey, CodeRecord, DeviceListUpdate, DeviceRecord, EnqueueOutcome,
+    NewAccount, NewMessage, PreKeyRecord, QueuedEnvelope, Store, StoreError, StoreResult,
 };
 
 /// A `u64` too large for the store (stored values must fit an SQL integer, i.e. `i64`).
@@ -175,6 +175,54 @@ impl Store for MemoryStore {
             .unwrap_or_default();
         inner.accounts.insert(phone, new.account.clone());
         Ok(removed)
+    }
+
+    async fn update_devices(
+        &self,
+        phone: &PhoneNumber,
+        update: &DeviceListUpdate,
+    ) -> StoreResult<()> {
+        checked_i64("device_list_version", update.version)?;
+        for d in &update.added {
+            checked_i64("last_seen_ms", d.last_seen_ms)?;
+        }
+        let mut inner = self.lock()?;
+        let account = inner
+            .accounts
+            .get_mut(phone)
+            .ok_or(StoreError::NoSuchAccount)?;
+        if account.device_list_version >= update.version {
+            return Err(StoreError::Conflict);
+        }
+        account.device_list = update.device_list.clone();
+        account.device_list_version = update.version;
+        let devices = inner.devices.entry(phone.clone()).or_default();
+        for id in &update.removed {
+            devices.remove(id);
+        }
+        for d in &update.added {
+            devices.insert(
+                d.device_id,
+                DeviceState {
+                    record: DeviceRecord {
+                        phone: phone.clone(),
+                        ..d.clone()
+                    },
+                    one_time: VecDeque::new(),
+                    fallback: None,
+                    queue: BTreeMap::new(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    async fn remove_device(&self, phone: &PhoneNumber, device_id: DeviceId) -> StoreResult<()> {
+        let mut inner = self.lock()?;
+        if let Some(devices) = inner.devices.get_mut(phone) {
+            devices.remove(&device_id);
+        }
+        Ok(())
     }
 
     async fn get_account(&self, phone: &PhoneNumber) -> StoreResult<Option<AccountRecord>> {

@@ -21,6 +21,9 @@ pub enum StoreError {
     /// The device does not exist.
     #[error("no such device")]
     NoSuchDevice,
+    /// A conditional write lost: the stored device list is already at this version or newer.
+    #[error("the stored device list is newer")]
+    Conflict,
     /// A stored row does not decode; the database was altered outside natterd.
     #[error("corrupt record: {0}")]
     Corrupt(String),
@@ -177,6 +180,19 @@ pub struct QueuedEnvelope {
     pub retry: Option<RetryInfo>,
 }
 
+/// A new signed device list with the device records it adds and the devices it drops.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceListUpdate {
+    /// Encoded `SignedDeviceList`.
+    pub device_list: Vec<u8>,
+    /// Its version; must be higher than the stored one.
+    pub version: u64,
+    /// Devices to add.
+    pub added: Vec<DeviceRecord>,
+    /// Devices to remove, with their keys and queued envelopes.
+    pub removed: Vec<DeviceId>,
+}
+
 /// A new account replacing whatever had the same number.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewAccount {
@@ -218,6 +234,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<DeviceRecord>>;
     /// All devices of an account, ordered by id.
     async fn list_devices(&self, phone: &PhoneNumber) -> StoreResult<Vec<DeviceRecord>>;
+    /// Replaces the account's device list if `update.version` is higher than the stored version
+    /// ([`StoreError::Conflict`] otherwise), adding and removing devices in the same transaction.
+    async fn update_devices(
+        &self,
+        phone: &PhoneNumber,
+        update: &DeviceListUpdate,
+    ) -> StoreResult<()>;
+    /// Removes one device with its keys and queued envelopes (the signed list is left as it is).
+    async fn remove_device(&self, phone: &PhoneNumber, device_id: DeviceId) -> StoreResult<()>;
     /// Records that a device connected.
     async fn touch_device(
         &self,

@@ -25,8 +25,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::memory::checked_i64;
 use super::{
-    AccountRecord, ClaimedPreKey, CodeRecord, DeviceRecord, EnqueueOutcome, NewAccount, NewMessage,
-    PreKeyRecord, QueuedEnvelope, RetryInfo, Store, StoreError, StoreResult,
+    AccountRecord, ClaimedPreKey, CodeRecord, DeviceListUpdate, DeviceRecord, EnqueueOutcome,
+    NewAccount, NewMessage, PreKeyRecord, QueuedEnvelope, RetryInfo, Store, StoreError,
+    StoreResult,
 };
 
 /// Most write commands the writer runs in one transaction.
@@ -330,6 +331,8 @@ enum Op {
     AddCodeAttempt(PhoneNumber),
     RemoveCode(PhoneNumber),
     CreateAccount(NewAccount),
+    UpdateDevices(PhoneNumber, DeviceListUpdate),
+    RemoveDevice(PhoneNumber, DeviceId),
     TouchDevice(PhoneNumber, DeviceId, u64),
     AddOneTimeKeys(PhoneNumber, DeviceId, Vec<PreKeyRecord>),
     SetFallbackKey(PhoneNumber, DeviceId, PreKeyRecord),
@@ -472,6 +475,12 @@ impl Op {
                 Ok(Done::Unit)
             }
             Op::CreateAccount(new) => create_account(conn, new).await.map(Done::Removed),
+            Op::UpdateDevices(phone, update) => update_devices(conn, phone, update)
+                .await
+                .map(|()| Done::Unit),
+            Op::RemoveDevice(phone, device) => remove_devices(conn, phone, &[*device])
+                .await
+                .map(|()| Done::Unit),
             Op::TouchDevice(phone, device_id, now_ms) => {
                 let now = checked_i64("now_ms", *now_ms)?;
                 let res = sqlx::query(
@@ -671,6 +680,75 @@ async fn create_account(
     Ok(removed)
 }
 
+async fn update_devices(
+    conn: &mut SqliteConnection,
+    phone: &PhoneNumber,
+    update: &DeviceListUpdate,
+) -> StoreResult<()> {
+    let version = checked_i64("device_list_version", update.version)?;
+    let changed = sqlx::query(
+        "UPDATE accounts SET device_list = ?2, device_list_version = ?3 \
+         WHERE phone = ?1 AND device_list_version < ?3",
+    )
+    .bind(phone.as_str())
+    .bind(update.device_list.as_slice())
+    .bind(version)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    if changed.rows_affected() == 0 {
+        let exists: Option<i64> =
+            sqlx::query_scalar("SELECT device_list_version FROM accounts WHERE phone = ?1")
+                .bind(phone.as_str())
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db)?;
+        return Err(match exists {
+            Some(_) => StoreError::Conflict,
+            None => StoreError::NoSuchAccount,
+        });
+    }
+    remove_devices(conn, phone, &update.removed).await?;
+    for d in &update.added {
+        sqlx::query(
+            "INSERT INTO devices (phone, device_id, noise_key, identity_ed, last_seen_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(phone.as_str())
+        .bind(dev(d.device_id))
+        .bind(d.noise_key.as_slice())
+        .bind(d.identity_ed.as_slice())
+        .bind(checked_i64("last_seen_ms", d.last_seen_ms)?)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    }
+    Ok(())
+}
+
+async fn remove_devices(
+    conn: &mut SqliteConnection,
+    phone: &PhoneNumber,
+    devices: &[DeviceId],
+) -> StoreResult<()> {
+    for device in devices {
+        for sql in [
+            "DELETE FROM queue WHERE phone = ?1 AND device_id = ?2",
+            "DELETE FROM one_time_keys WHERE phone = ?1 AND device_id = ?2",
+            "DELETE FROM fallback_keys WHERE phone = ?1 AND device_id = ?2",
+            "DELETE FROM devices WHERE phone = ?1 AND device_id = ?2",
+        ] {
+            sqlx::query(sql)
+                .bind(phone.as_str())
+                .bind(dev(*device))
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+        }
+    }
+    Ok(())
+}
+
 async fn add_one_time_keys(
     conn: &mut SqliteConnection,
     phone: &PhoneNumber,
@@ -849,6 +927,30 @@ impl Store for SqliteStore {
 
     async fn remove_code(&self, phone: &PhoneNumber) -> StoreResult<()> {
         match self.write(Op::RemoveCode(phone.clone())).await? {
+            Done::Unit => Ok(()),
+            _ => mismatch(),
+        }
+    }
+
+    async fn update_devices(
+        &self,
+        phone: &PhoneNumber,
+        update: &DeviceListUpdate,
+    ) -> StoreResult<()> {
+        match self
+            .write(Op::UpdateDevices(phone.clone(), update.clone()))
+            .await?
+        {
+            Done::Unit => Ok(()),
+            _ => mismatch(),
+        }
+    }
+
+    async fn remove_device(&self, phone: &PhoneNumber, device_id: DeviceId) -> StoreResult<()> {
+        match self
+            .write(Op::RemoveDevice(phone.clone(), device_id))
+            .await?
+        {
             Done::Unit => Ok(()),
             _ => mismatch(),
         }

@@ -122,6 +122,87 @@ async fn two_accounts(s: &dyn Store) -> (PhoneNumber, PhoneNumber) {
 
 // ---- the suite ----
 
+async fn device_list_updates(s: &dyn Store) {
+    let (a, b) = two_accounts(s).await;
+    let companion = DeviceRecord {
+        device_id: dev(2),
+        ..device_record(&a, 30)
+    };
+    let add = crate::store::DeviceListUpdate {
+        device_list: vec![9, 9],
+        version: 2,
+        added: vec![companion.clone()],
+        removed: vec![],
+    };
+    s.update_devices(&a, &add).await.unwrap();
+    let account = s.get_account(&a).await.unwrap().unwrap();
+    assert_eq!(
+        (account.device_list, account.device_list_version),
+        (vec![9, 9], 2)
+    );
+    assert_eq!(s.get_device(&a, dev(2)).await.unwrap(), Some(companion));
+    // The same or an older version loses, and changes nothing.
+    let stale = crate::store::DeviceListUpdate {
+        device_list: vec![1],
+        version: 2,
+        added: vec![],
+        removed: vec![dev(2)],
+    };
+    assert!(matches!(
+        s.update_devices(&a, &stale).await,
+        Err(StoreError::Conflict)
+    ));
+    assert!(s.get_device(&a, dev(2)).await.unwrap().is_some());
+    assert!(matches!(
+        s.update_devices(&phone(7), &add).await,
+        Err(StoreError::NoSuchAccount)
+    ));
+
+    // Removing a device drops its keys and its queue.
+    s.add_one_time_keys(&a, dev(2), &[prekey("k", 1)])
+        .await
+        .unwrap();
+    let queued = stored(
+        s.enqueue(message(&b, 1, mid(1), 100, vec![envelope(&a, 2, b"x")]))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(queued.len(), 1);
+    let remove = crate::store::DeviceListUpdate {
+        device_list: vec![3],
+        version: 3,
+        added: vec![],
+        removed: vec![dev(2)],
+    };
+    s.update_devices(&a, &remove).await.unwrap();
+    assert_eq!(s.get_device(&a, dev(2)).await.unwrap(), None);
+    assert_eq!(s.count_one_time_keys(&a, dev(2)).await.unwrap(), 0);
+    assert!(s.load_queue(&a, dev(2), 0, 10).await.unwrap().is_empty());
+    assert_eq!(s.list_devices(&a).await.unwrap().len(), 1);
+
+    // A device re-added later starts empty; remove_device leaves the list alone.
+    let again = crate::store::DeviceListUpdate {
+        device_list: vec![4],
+        version: 4,
+        added: vec![DeviceRecord {
+            device_id: dev(2),
+            ..device_record(&a, 40)
+        }],
+        removed: vec![],
+    };
+    s.update_devices(&a, &again).await.unwrap();
+    s.remove_device(&a, dev(2)).await.unwrap();
+    assert_eq!(s.get_device(&a, dev(2)).await.unwrap(), None);
+    assert_eq!(
+        s.get_account(&a)
+            .await
+            .unwrap()
+            .unwrap()
+            .device_list_version,
+        4
+    );
+}
+
 async fn codes(s: &dyn Store) {
     let p = phone(1);
     assert_eq!(s.get_code(&p).await.unwrap(), None);
@@ -724,6 +805,7 @@ macro_rules! conformance {
 }
 
 conformance!(
+    device_list_updates,
     codes,
     create_account_new,
     create_account_replaces,

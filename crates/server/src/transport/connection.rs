@@ -360,6 +360,7 @@ impl Conn {
             login: self.login.clone(),
             peer_ip: self.peer_ip,
             remote_static: self.channel.remote_static(),
+            conn: self.shared.clone(),
         };
         if let Some(request::Body::VerifyCode(v)) = req.body {
             // Runs inline: success turns this connection into the new primary's.

@@ -1,0 +1,119 @@
+//! Linking a companion, relayed by the server: `CreateLinkRef` (companion, anonymous), `LinkOffer`
+//! (primary), `LinkAccept` (companion). The offer and the acceptance are sealed with the QR code's
+//! secret, so the server passes them on without being able to read or forge them. The primary then
+//! publishes the new signed list with `PublishDeviceList` (see [`super::devices`]).
+
+use natter_proto::DeviceId;
+use natter_proto::limits::MAX_SHORT_TEXT;
+use natter_proto::wire::{
+    CreateLinkRef, Done, Error, ErrorCode, LinkAccept, LinkAccepted, LinkOffer, LinkOffered,
+    LinkRef, Push, push, response,
+};
+use tokio::time::Instant;
+
+use super::{RequestCtx, bad_request};
+use crate::delivery::ConnEvent;
+use crate::directory::{LinkSession, LinkSessions};
+
+/// Largest sealed payload relayed.
+const MAX_SEALED: usize = 4 * MAX_SHORT_TEXT;
+
+fn expired() -> Error {
+    Error::new(
+        ErrorCode::LinkExpired,
+        "this link code has expired or is unknown: show a new QR code on the companion",
+    )
+}
+
+fn reference(r: &[u8]) -> Result<[u8; 16], Error> {
+    r.try_into()
+        .map_err(|_| bad_request("a link reference is 16 bytes"))
+}
+
+/// Opens a link session for an anonymous connection.
+pub async fn create_link_ref(ctx: &RequestCtx, _r: CreateLinkRef) -> Result<response::Body, Error> {
+    if ctx.login.is_some() {
+        return Err(bad_request("a registered device cannot be linked again"));
+    }
+    let mut reference = [0u8; 16];
+    getrandom::fill(&mut reference)
+        .map_err(|_| Error::new(ErrorCode::Internal, "no randomness"))?;
+    let session = LinkSession {
+        companion: ctx.conn.clone(),
+        companion_noise: ctx.remote_static,
+        expires: Instant::now().into_std() + LinkSessions::ttl(),
+        offered_by: None,
+    };
+    ctx.state
+        .links
+        .open(reference, session)
+        .ok_or_else(|| Error::new(ErrorCode::Unavailable, "too many link sessions; retry"))?;
+    Ok(response::Body::LinkRef(LinkRef {
+        reference: reference.to_vec(),
+        expires_in_s: LinkSessions::ttl().as_secs() as u32,
+    }))
+}
+
+/// The primary offers its account to the companion.
+pub async fn link_offer(ctx: &RequestCtx, r: LinkOffer) -> Result<response::Body, Error> {
+    let login = ctx.require_login()?;
+    if login.device != DeviceId::PRIMARY {
+        return Err(Error::new(
+            ErrorCode::NotPrimary,
+            "only the primary device (the phone) can link companions",
+        ));
+    }
+    if r.sealed.is_empty() || r.sealed.len() > MAX_SEALED {
+        return Err(bad_request("malformed link offer"));
+    }
+    let reference = reference(&r.reference)?;
+    let session = ctx.state.links.get(&reference).ok_or_else(expired)?;
+    if session.offered_by.is_some() {
+        return Err(bad_request("this link code was already used"));
+    }
+    let delivered = session.companion.send(ConnEvent::Push(Push {
+        body: Some(push::Body::LinkOffered(LinkOffered {
+            reference: reference.to_vec(),
+            sealed: r.sealed,
+        })),
+    }));
+    if !delivered {
+        ctx.state.links.close(&reference);
+        return Err(expired());
+    }
+    ctx.state
+        .links
+        .set_offer(&reference, login.phone.clone(), ctx.conn.clone());
+    Ok(response::Body::Done(Done {}))
+}
+
+/// The companion accepts; its sealed counter-signature goes to the primary.
+pub async fn link_accept(ctx: &RequestCtx, r: LinkAccept) -> Result<response::Body, Error> {
+    if r.sealed.is_empty() || r.sealed.len() > MAX_SEALED {
+        return Err(bad_request("malformed link acceptance"));
+    }
+    let reference = reference(&r.reference)?;
+    let session = ctx.state.links.get(&reference).ok_or_else(expired)?;
+    if session.companion.id != ctx.conn.id {
+        return Err(bad_request(
+            "this link session belongs to another connection",
+        ));
+    }
+    let Some((_, primary)) = session.offered_by else {
+        return Err(bad_request("no primary has scanned this code yet"));
+    };
+    let delivered = primary.send(ConnEvent::Push(Push {
+        body: Some(push::Body::LinkAccepted(LinkAccepted {
+            reference: reference.to_vec(),
+            sealed: r.sealed,
+        })),
+    }));
+    if !delivered {
+        ctx.state.links.close(&reference);
+        return Err(Error::new(
+            ErrorCode::LinkExpired,
+            "the primary device went away: start again",
+        ));
+    }
+    Ok(response::Body::Done(Done {}))
+}
