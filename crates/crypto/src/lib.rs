@@ -1,6 +1,7 @@
 //! Natter's end-to-end cryptography: the account identity key ([`account`]), each device's Olm account
 //! and prekeys ([`device`]), Olm sessions ([`session`]), the signed device list ([`device_list`]),
-//! safety numbers ([`safety`]) and encryption at rest for the client store ([`store_cipher`]).
+//! safety numbers ([`safety`]), sealing for companion linking ([`link`]) and encryption at rest for the
+//! client store ([`store_cipher`]).
 //!
 //! Olm and Ed25519 come from vodozemac; symmetric encryption from RustCrypto. Keys cross this crate's
 //! boundary only as byte arrays. The crate is synchronous, does no I/O and does no logging.
@@ -9,6 +10,7 @@ pub mod account;
 pub mod device;
 pub mod device_list;
 pub mod error;
+pub mod link;
 pub mod safety;
 pub mod session;
 pub mod store_cipher;
