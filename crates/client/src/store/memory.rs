@@ -149,6 +149,7 @@ impl Inner {
     /// Applies validated changes; cannot fail, so the caller's lock makes it atomic.
     fn apply(&mut self, changes: Changes) {
         let Changes {
+            wipe,
             identity,
             settings,
             sessions,
@@ -164,6 +165,13 @@ impl Inner {
             failures_cleared,
         } = changes;
 
+        if wipe {
+            let settings = std::mem::take(&mut self.settings);
+            *self = Inner {
+                settings,
+                ..Inner::default()
+            };
+        }
         if let Some(identity) = identity {
             self.identity = Some(identity);
         }

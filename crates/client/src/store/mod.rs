@@ -199,6 +199,9 @@ pub struct StatusUpdate {
 /// Everything one step changes, saved in one transaction.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
+    /// Deletes everything the device knows (identity, sessions, peers, messages, outbox, processed
+    /// envelopes, failures; settings stay) before the rest is applied: the device was unlinked.
+    pub wipe: bool,
     /// Replaces the identity.
     pub identity: Option<IdentityRecord>,
     /// Sets (`Some`) or deletes (`None`) small settings.

@@ -462,6 +462,19 @@ async fn exec(conn: &mut SqliteConnection, sql: &'static str) -> Result<(), sqlx
 /// `sessions_removed` comes before `sessions` (as in [`super::memory`]). On error the caller rolls back,
 /// so nothing of it remains.
 async fn write_changes(conn: &mut SqliteConnection, changes: &Changes) -> StoreResult<()> {
+    if changes.wipe {
+        for sql in [
+            "DELETE FROM identity",
+            "DELETE FROM sessions",
+            "DELETE FROM peers",
+            "DELETE FROM messages",
+            "DELETE FROM outbox",
+            "DELETE FROM processed",
+            "DELETE FROM failures",
+        ] {
+            sqlx::query(sql).execute(&mut *conn).await.map_err(db)?;
+        }
+    }
     if let Some(identity) = &changes.identity {
         write_identity(conn, identity).await?;
     }

@@ -160,6 +160,46 @@ async fn empty(s: &dyn ClientStore) {
     assert_eq!(s.failure(&a, &m).await.unwrap(), None);
 }
 
+async fn wipe(s: &dyn ClientStore) {
+    let (a, m) = (phone(2), mid(1));
+    save(
+        s,
+        Changes {
+            identity: Some(identity(1)),
+            settings: vec![("server".to_owned(), Some(b"127.0.0.1:1".to_vec()))],
+            processed: vec![(a.clone(), m)],
+            ..Changes::default()
+        },
+    )
+    .await;
+    save(
+        s,
+        Changes {
+            wipe: true,
+            ..Changes::default()
+        },
+    )
+    .await;
+    assert_eq!(s.identity().await.unwrap(), None);
+    assert!(!s.is_processed(&a, &m).await.unwrap());
+    assert_eq!(
+        s.setting("server").await.unwrap(),
+        Some(b"127.0.0.1:1".to_vec()),
+        "settings survive a wipe"
+    );
+    // A wipe and new state in one step: the new state stays.
+    save(
+        s,
+        Changes {
+            wipe: true,
+            identity: Some(identity(2)),
+            ..Changes::default()
+        },
+    )
+    .await;
+    assert_eq!(s.identity().await.unwrap(), Some(identity(2)));
+}
+
 async fn identity_round_trip(s: &dyn ClientStore) {
     let first = identity(1);
     save(
@@ -970,6 +1010,7 @@ async fn atomic(s: &dyn ClientStore) {
     let expected = snapshot().await;
 
     let bad = Changes {
+        wipe: true,
         identity: Some(identity(2)),
         settings: vec![
             ("k".to_owned(), None),
@@ -1001,11 +1042,12 @@ async fn atomic(s: &dyn ClientStore) {
     assert_eq!(
         snapshot().await,
         expected,
-        "nothing of a failed Changes remains"
+        "nothing of a failed Changes remains, not even its wipe"
     );
 
     // The same Changes with the largest value allowed goes through whole.
     let mut good = bad;
+    good.wipe = false;
     if let Some(f) = good.failures.last_mut() {
         f.server_ts_ms = i64::MAX as u64;
     }
@@ -1124,6 +1166,7 @@ macro_rules! conformance {
 
 conformance!(
     empty,
+    wipe,
     identity_round_trip,
     settings,
     sessions,
@@ -1159,6 +1202,7 @@ async fn raw_connection(path: &std::path::Path) -> sqlx::SqliteConnection {
 fn full_changes() -> Changes {
     let (a, b) = (phone(2), phone(3));
     Changes {
+        wipe: false,
         identity: Some(identity(1)),
         settings: vec![("k".to_owned(), Some(b"v".to_vec()))],
         sessions: vec![session(&a, 1, "s", 10), session(&a, 1, "t", 20)],
