@@ -2,6 +2,7 @@
 //! a [`natter_client::Client`] and prints human output or, with `--json`, one JSON object per line.
 
 mod output;
+mod qr;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -77,6 +78,38 @@ enum Command {
     },
     /// Forget the pinned server key (only after the server was deliberately reinstalled).
     ForgetServer,
+    /// On a new companion (laptop, tablet): show a QR code for the phone to scan, and wait to be linked.
+    LinkCompanion {
+        /// Also write the QR code to this PNG file (rewritten each time a new code appears).
+        #[arg(long)]
+        qr: Option<PathBuf>,
+        /// This device's name on the account.
+        #[arg(long, default_value = "companion")]
+        name: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// On the phone: link the companion whose QR code is in a PNG file (or given as its text).
+    Link {
+        /// A PNG of the QR code, or the code's text (natter-link:…).
+        code: String,
+        /// Link without asking for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// List this account's devices.
+    Devices,
+    /// Remove a device from the account (from the phone: any companion; on a companion: itself).
+    Unlink {
+        /// The device id (see `natter devices`).
+        device_id: u32,
+    },
+    /// Show the safety number with a contact, to compare in person.
+    SafetyNumber {
+        /// The contact's number.
+        number: String,
+    },
 }
 
 /// Exit codes, so scripts can tell failures apart.
@@ -142,7 +175,7 @@ fn main() -> ExitCode {
             let code = exit_code(&e);
             if json {
                 let obj = serde_json::json!({"error": format!("{e:#}"), "exit_code": code});
-                println!("{obj}");
+                output::write_line(&obj.to_string());
             }
             eprintln!("natter: {e:#}");
             ExitCode::from(code)
@@ -203,6 +236,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for m in client.history(&peer).await? {
                 out.history_entry(&m);
             }
+        }
+        Command::LinkCompanion { qr, name, timeout } => {
+            link_companion(&client, &out, qr.as_deref(), &name, timeout).await?
+        }
+        Command::Link { code, yes } => link(&client, &out, &code, yes).await?,
+        Command::Devices => {
+            client.connect().await?;
+            let devices = client.devices().await?;
+            client.disconnect().await;
+            out.devices(&devices);
+        }
+        Command::Unlink { device_id } => {
+            let id = natter_proto::DeviceId::new(device_id)
+                .map_err(|e| ClientError::InvalidInput(e.to_string()))?;
+            client.connect().await?;
+            let me = client.whoami().await?.ok_or(ClientError::NotRegistered)?;
+            client.unlink(id).await?;
+            client.disconnect().await;
+            out.unlinked(id.get(), me.device_id == id);
+        }
+        Command::SafetyNumber { number } => {
+            let peer = parse_number(&number)?;
+            client.connect().await?;
+            let digits = client.safety_number(&peer).await?;
+            client.disconnect().await;
+            out.safety_number(&peer, &digits, &qr::render_terminal(&digits)?);
         }
         Command::ForgetServer => {
             client.forget_server_key().await?;
@@ -317,4 +376,75 @@ async fn chat(client: &Client, out: &Printer, peer: &PhoneNumber) -> anyhow::Res
     let _ = client.wait_outbox_empty(Duration::from_secs(3)).await;
     client.disconnect().await;
     Ok(())
+}
+
+async fn link_companion(
+    client: &Client,
+    out: &Printer,
+    png: Option<&std::path::Path>,
+    name: &str,
+    timeout: u64,
+) -> anyhow::Result<()> {
+    let mut failure = None;
+    let me = client
+        .link_as_companion(name, Duration::from_secs(timeout), |code| {
+            let text = code.to_text();
+            if let Some(path) = png
+                && let Err(e) = qr::write_png(&text, path)
+            {
+                failure.get_or_insert(e);
+            }
+            match qr::render_terminal(&text) {
+                Ok(drawing) => out.link_code(&text, &drawing, png),
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        })
+        .await?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    out.linked_as(&me);
+    client.disconnect().await;
+    Ok(())
+}
+
+async fn link(client: &Client, out: &Printer, code: &str, yes: bool) -> anyhow::Result<()> {
+    let path = std::path::Path::new(code);
+    let text = if !code.starts_with(natter_proto::link::QR_PREFIX) && path.exists() {
+        qr::read_png(path)?
+    } else {
+        code.to_owned()
+    };
+    let request = natter_proto::link::LinkQr::from_text(&text)
+        .map_err(|e| ClientError::InvalidInput(format!("not a Natter link code: {e}")))?;
+    let me = client.whoami().await?.ok_or(ClientError::NotRegistered)?;
+    if !yes {
+        let question = format!(
+            "Link \"{}\" (key {}) to {}? It will read and send your messages. [y/N] ",
+            request.name,
+            natter_client::link::fingerprint(&request.identity_ed),
+            me.phone
+        );
+        if !confirm(&question).await? {
+            return Err(ClientError::InvalidInput("linking cancelled".into()).into());
+        }
+    }
+    client.connect().await?;
+    let linked = client.link_device(&request).await?;
+    client.disconnect().await;
+    out.linked(&linked);
+    Ok(())
+}
+
+/// Asks on the terminal; no answer (stdin closed) counts as no.
+async fn confirm(question: &str) -> anyhow::Result<bool> {
+    use tokio::io::AsyncWriteExt;
+    let mut stderr = tokio::io::stderr();
+    stderr.write_all(question.as_bytes()).await?;
+    stderr.flush().await?;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let answer = lines.next_line().await?.unwrap_or_default();
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
 }

@@ -1,8 +1,25 @@
 //! Human and JSON output. JSON is one object per line; the field names are a contract for scripts.
 
-use natter_client::{MessageKind, MessageRecord, MessageStatus, WhoAmI};
+use natter_client::{DeviceInfo, LinkedDevice, MessageKind, MessageRecord, MessageStatus, WhoAmI};
 use natter_proto::{MessageId, PhoneNumber};
 use serde_json::json;
+
+/// Prints a line on stdout; a closed stdout (`natter recv | head`) ends the program quietly instead of
+/// panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::output::write_line(&format!($($arg)*))
+    };
+}
+
+/// Writes one line to stdout, exiting quietly if the reader went away.
+pub fn write_line(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
 
 /// Prints results in the chosen format.
 pub struct Printer {
@@ -116,70 +133,70 @@ impl Printer {
     /// A message printed by `recv`.
     pub fn message(&self, m: &MessageRecord) {
         if self.json {
-            println!("{}", self.message_json(m));
+            say!("{}", self.message_json(m));
         } else {
             let chat = if m.from_me {
                 format!(" (to {})", m.chat)
             } else {
                 String::new()
             };
-            println!("{}{chat}", Self::line(m));
+            say!("{}{chat}", Self::line(m));
         }
     }
 
     /// A line of `chat`.
     pub fn chat_line(&self, m: &MessageRecord) {
         if self.json {
-            println!("{}", self.message_json(m));
+            say!("{}", self.message_json(m));
         } else {
-            println!("{}", Self::line(m));
+            say!("{}", Self::line(m));
         }
     }
 
     /// An entry of `history`.
     pub fn history_entry(&self, m: &MessageRecord) {
         if self.json {
-            println!("{}", self.message_json(m));
+            say!("{}", self.message_json(m));
         } else if m.from_me {
-            println!("{} {}", Self::line(m), status_mark(m.status));
+            say!("{} {}", Self::line(m), status_mark(m.status));
         } else {
-            println!("{}", Self::line(m));
+            say!("{}", Self::line(m));
         }
     }
 
     /// A message the server accepted.
     pub fn sent(&self, m: &MessageRecord) {
         if self.json {
-            println!(
+            say!(
                 "{}",
                 json!({"id": m.id.to_hex(), "to": m.chat.as_str(), "status": status_word(m.status), "ts": ts(m)})
             );
         } else {
-            println!("✓ sent to {} ({})", m.chat, m.id);
+            say!("✓ sent to {} ({})", m.chat, m.id);
         }
     }
 
     /// A status change in `chat`.
     pub fn status(&self, id: &MessageId, status: MessageStatus) {
         if self.json {
-            println!(
+            say!(
                 "{}",
                 json!({"id": id.to_hex(), "status": status_word(status)})
             );
         } else if matches!(status, MessageStatus::Delivered | MessageStatus::Read) {
-            println!("  {} {}", status_mark(status), &id.to_hex()[..8]);
+            say!("  {} {}", status_mark(status), &id.to_hex()[..8]);
         }
     }
 
     /// `register` succeeded.
     pub fn code_sent(&self, phone: &PhoneNumber, expires_in_s: u32) {
         if self.json {
-            println!(
+            say!(
                 "{}",
                 json!({"status": "code_sent", "phone": phone.as_str(), "expires_in_s": expires_in_s})
             );
         } else {
-            println!(
+            say!(
                 "code sent to {phone} by SMS (valid {} min): run `natter verify <code>`",
                 expires_in_s / 60
             );
@@ -189,19 +206,19 @@ impl Printer {
     /// `verify` succeeded.
     pub fn registered(&self, me: &WhoAmI) {
         if self.json {
-            println!(
+            say!(
                 "{}",
                 json!({"status": "registered", "phone": me.phone.as_str(), "device": me.device_id.get()})
             );
         } else {
-            println!("registered {} on this device (primary)", me.phone);
+            say!("registered {} on this device (primary)", me.phone);
         }
     }
 
     /// `whoami`.
     pub fn whoami(&self, me: &WhoAmI) {
         if self.json {
-            println!(
+            say!(
                 "{}",
                 json!({
                     "phone": me.phone.as_str(),
@@ -222,7 +239,7 @@ impl Printer {
             } else {
                 "companion"
             };
-            println!(
+            say!(
                 "{} device {} ({role}), {state}\nserver: {}\naccount key: {}",
                 me.phone,
                 me.device_id,
@@ -232,12 +249,128 @@ impl Printer {
         }
     }
 
+    /// A new link QR code on the companion.
+    pub fn link_code(&self, text: &str, drawing: &str, png: Option<&std::path::Path>) {
+        if self.json {
+            say!(
+                "{}",
+                json!({"qr": text, "png": png.map(|p| p.display().to_string())})
+            );
+        } else {
+            say!("{drawing}");
+            say!(
+                "Scan this with the phone: natter link <png or text> (it expires in 60 s, then a new one appears)"
+            );
+            if let Some(p) = png {
+                say!("PNG: {}", p.display());
+            }
+            say!("text: {text}");
+        }
+    }
+
+    /// The companion was linked.
+    pub fn linked_as(&self, me: &WhoAmI) {
+        if self.json {
+            say!(
+                "{}",
+                json!({"status": "linked", "phone": me.phone.as_str(), "device": me.device_id.get()})
+            );
+        } else {
+            say!("linked: this is device {} of {}", me.device_id, me.phone);
+        }
+    }
+
+    /// The primary linked a companion.
+    pub fn linked(&self, d: &LinkedDevice) {
+        if self.json {
+            say!(
+                "{}",
+                json!({"status": "linked", "device": d.device_id, "name": d.name})
+            );
+        } else {
+            say!("linked \"{}\" as device {}", d.name, d.device_id);
+        }
+    }
+
+    /// `devices`.
+    pub fn devices(&self, devices: &[DeviceInfo]) {
+        for d in devices {
+            if self.json {
+                say!(
+                    "{}",
+                    json!({
+                        "device": d.device_id,
+                        "name": d.name,
+                        "fingerprint": d.fingerprint,
+                        "last_seen": d.last_seen_ms,
+                        "online": d.online,
+                        "this_device": d.this_device,
+                        "primary": d.device_id == 1,
+                    })
+                );
+            } else {
+                let role = if d.device_id == 1 {
+                    "primary"
+                } else {
+                    "companion"
+                };
+                let seen = if d.online {
+                    "online".to_owned()
+                } else {
+                    d.last_seen_ms
+                        .map(|ms| format!("last seen {}", format_time(ms)))
+                        .unwrap_or_else(|| "not connected to the server".into())
+                };
+                let this = if d.this_device { " (this device)" } else { "" };
+                say!(
+                    "{}  {:<16} {role:<9}  {}  {seen}{this}",
+                    d.device_id,
+                    d.name,
+                    d.fingerprint
+                );
+            }
+        }
+    }
+
+    /// `unlink`.
+    pub fn unlinked(&self, device: u32, itself: bool) {
+        if self.json {
+            say!("{}", json!({"status": "unlinked", "device": device}));
+        } else if itself {
+            say!("this device is unlinked; its keys and messages are wiped");
+        } else {
+            say!("device {device} is unlinked");
+        }
+    }
+
+    /// `safety-number`.
+    pub fn safety_number(&self, peer: &PhoneNumber, digits: &str, drawing: &str) {
+        if self.json {
+            say!(
+                "{}",
+                json!({"peer": peer.as_str(), "safety_number": digits})
+            );
+        } else {
+            let groups: Vec<String> = digits
+                .as_bytes()
+                .chunks(5)
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .collect();
+            say!("safety number with {peer}:");
+            for row in groups.chunks(4) {
+                say!("  {}", row.join(" "));
+            }
+            say!("{drawing}");
+            say!("Compare it in person; it changes only if one of you registers again.");
+        }
+    }
+
     /// A remark for the user (stderr in JSON mode, so stdout stays parseable).
     pub fn note(&self, text: &str) {
         if self.json {
             eprintln!("{text}");
         } else {
-            println!("{text}");
+            say!("{text}");
         }
     }
 }

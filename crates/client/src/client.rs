@@ -93,6 +93,13 @@ pub(crate) struct Inner {
     pub(crate) sending: tokio::sync::Mutex<()>,
     pub(crate) conn: watch::Sender<Option<Arc<Connection>>>,
     supervisor: Mutex<Option<JoinHandle<()>>>,
+    /// Primary side of linking: who waits for which companion's acceptance.
+    pub(crate) link_waiters: Mutex<
+        std::collections::HashMap<
+            Vec<u8>,
+            tokio::sync::oneshot::Sender<natter_proto::wire::LinkAccepted>,
+        >,
+    >,
 }
 
 impl Drop for Inner {
@@ -197,6 +204,7 @@ impl Client {
             sending: tokio::sync::Mutex::new(()),
             conn,
             supervisor: Mutex::new(None),
+            link_waiters: Mutex::new(Default::default()),
         });
         Client {
             _owner: Some(Arc::new(Owner {
@@ -320,12 +328,7 @@ impl Client {
         tokio::sync::mpsc::UnboundedReceiver<natter_proto::wire::Push>,
     )> {
         let addr = self.server().await?.ok_or(ClientError::NoServer)?;
-        let pinned = self
-            .inner
-            .store
-            .setting(SETTING_SERVER_KEY)
-            .await?
-            .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok());
+        let pinned = self.pinned_server_key().await?;
         let (conn, pushes) = Connection::open(ConnectOptions {
             addr: &addr,
             noise_key: noise,
@@ -334,13 +337,29 @@ impl Client {
         })
         .await?;
         if pinned.is_none() {
-            let mut changes = Changes::default();
-            changes
-                .settings
-                .push((SETTING_SERVER_KEY.into(), Some(conn.server_key().to_vec())));
-            self.inner.store.save_changes(changes).await?;
+            self.pin_server_key(conn.server_key()).await?;
         }
         Ok((conn, pushes))
+    }
+
+    /// The server key pinned on first contact.
+    pub(crate) async fn pinned_server_key(&self) -> Result<Option<[u8; 32]>> {
+        Ok(self
+            .inner
+            .store
+            .setting(SETTING_SERVER_KEY)
+            .await?
+            .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok()))
+    }
+
+    /// Pins the server's key.
+    pub(crate) async fn pin_server_key(&self, key: [u8; 32]) -> Result<()> {
+        let changes = Changes {
+            settings: vec![(SETTING_SERVER_KEY.into(), Some(key.to_vec()))],
+            ..Changes::default()
+        };
+        self.inner.store.save_changes(changes).await?;
+        Ok(())
     }
 
     /// Starts registering `phone`: creates this device's keys and asks the server to send a code by SMS.
@@ -545,7 +564,16 @@ impl Client {
             phone: identity.phone.as_str().to_owned(),
             device_id: identity.device_id.get(),
         };
-        let (conn, pushes) = self.open_connection(&noise, Some(login)).await?;
+        let (conn, pushes) = match self.open_connection(&noise, Some(login)).await {
+            Ok(c) => c,
+            Err(ClientError::DeviceRemoved(reason)) => {
+                if identity.device_id != DeviceId::PRIMARY {
+                    self.forget_everything().await?;
+                }
+                return Err(ClientError::DeviceRemoved(reason));
+            }
+            Err(e) => return Err(e),
+        };
         let conn = Arc::new(conn);
         self.inner.conn.send_replace(Some(conn.clone()));
         self.emit(Event::Connected);
@@ -572,7 +600,7 @@ impl Client {
             self.inner.conn.send_replace(None);
             drop(conn);
             if let Some(reason) = removed {
-                self.emit(Event::DeviceRemoved(reason));
+                self.device_removed(reason).await;
                 return;
             }
             self.emit(Event::Disconnected);
@@ -587,13 +615,24 @@ impl Client {
                         break;
                     }
                     Err(ClientError::DeviceRemoved(reason)) => {
-                        self.emit(Event::DeviceRemoved(reason));
+                        self.device_removed(reason).await;
                         return;
                     }
                     Err(e) => tracing::debug!(error = %e, "reconnect failed"),
                 }
             }
         }
+    }
+
+    /// This device no longer belongs to its account: a companion forgets everything it knew.
+    async fn device_removed(&self, reason: String) {
+        if let Ok(me) = self.registered_identity().await
+            && me.device_id != DeviceId::PRIMARY
+            && let Err(e) = self.forget_everything().await
+        {
+            tracing::warn!(error = %e, "could not wipe the removed device");
+        }
+        self.emit(Event::DeviceRemoved(reason));
     }
 
     /// Closes the connection and stops reconnecting.

@@ -57,6 +57,14 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
+    /// A device on the peer's list has no prekeys yet (it is being linked); the message stays queued.
+    #[error("device {device} of {peer} has no keys yet; the message stays queued and is retried")]
+    NoKeys {
+        /// The account.
+        peer: String,
+        /// The device.
+        device: u32,
+    },
     /// The local database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -93,7 +101,10 @@ impl ClientError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            ClientError::Disconnected | ClientError::Timeout | ClientError::Unreachable { .. }
+            ClientError::Disconnected
+                | ClientError::Timeout
+                | ClientError::Unreachable { .. }
+                | ClientError::NoKeys { .. }
         ) || matches!(
             self.server_code(),
             Some(ErrorCode::Unavailable | ErrorCode::Internal)

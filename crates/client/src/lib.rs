@@ -5,6 +5,7 @@
 //! - [`Client`] ([`client`]): open a home directory, register, connect, send, read history.
 //! - [`net`]: the Noise connection to natterd (requests, pushes, acknowledgements, keep-alive).
 //! - [`devices`]: fetching and verifying signed device lists, trust on first use of account keys.
+//! - [`link`]: linking companions by QR code, listing and unlinking devices, safety numbers.
 //! - [`messaging`]: encrypting per device, the persisted outbox, processing envelopes, receipts and
 //!   decryption retries.
 //! - [`store`]: the [`store::ClientStore`] trait and its backends.
@@ -17,6 +18,7 @@ pub mod client;
 pub mod devices;
 pub mod error;
 pub mod events;
+pub mod link;
 pub mod messaging;
 pub mod net;
 pub mod store;
@@ -24,6 +26,7 @@ pub mod store;
 pub use client::{Client, WhoAmI};
 pub use error::{ClientError, Result};
 pub use events::Event;
+pub use link::{DeviceInfo, LinkedDevice};
 pub use store::{MessageKind, MessageRecord, MessageStatus};
 
 /// Milliseconds since the Unix epoch.

@@ -3,7 +3,7 @@
 //! and the decryption-retry protocol: a receiver that cannot decrypt asks the sender, over a fresh
 //! session, to encrypt again, up to [`MAX_DECRYPT_RETRIES`] times, and only then shows "could not decrypt".
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,14 +127,37 @@ impl Client {
             .map_err(|e| ClientError::Store(crate::store::StoreError::Corrupt(e.to_string())))?;
         let fresh = matches!(content.body, Some(content::content::Body::RetryRequest(_)));
         let mut last_err = None;
+        // Devices still on a signed list that the server says are gone (a companion that removed itself
+        // before the primary re-signed): the server would not deliver to them, so they are skipped.
+        let mut gone: HashSet<(PhoneNumber, u32)> = HashSet::new();
         for _ in 0..MAX_DEVICE_REFRESHES {
-            let targets = match self.targets(entry, &me).await {
+            let targets = match self.targets(entry, &me, &gone).await {
                 Ok(t) => t,
                 Err(e) => return self.fail_if_permanent(entry, e).await,
             };
-            let messages = self
+            let messages = match self
                 .encrypt_for(&me, entry, &targets, &content, fresh)
-                .await?;
+                .await
+            {
+                Ok(m) => m,
+                Err(ClientError::NoKeys { peer, device }) => {
+                    // Either the device is gone (our cached list is stale) or it has not uploaded
+                    // keys yet: refresh the list, and if the device is still on it, wait for it.
+                    let phone = PhoneNumber::from_e164(&peer)
+                        .map_err(|e| ClientError::InvalidInput(e.to_string()))?;
+                    let fresh_list = self.peer_devices(&phone, true).await?;
+                    if fresh_list
+                        .list
+                        .device_ids()
+                        .iter()
+                        .any(|d| d.get() == device)
+                    {
+                        return Err(ClientError::NoKeys { peer, device });
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let conn = self.connection(CONNECTION_WAIT).await?;
             let req = SendMessage {
                 message_id: entry.transport_id.as_bytes().to_vec(),
@@ -160,7 +183,12 @@ impl Client {
                 }) => {
                     for m in &mismatched {
                         if let Ok(phone) = PhoneNumber::from_e164(&m.phone) {
-                            self.peer_devices(&phone, true).await?;
+                            let fresh = self.peer_devices(&phone, true).await?;
+                            for id in &m.extra {
+                                if fresh.list.device_ids().iter().any(|d| d.get() == *id) {
+                                    gone.insert((phone.clone(), *id));
+                                }
+                            }
                         }
                     }
                     last_err = Some(ClientError::Server {
@@ -235,7 +263,12 @@ impl Client {
 
     /// The devices an entry goes to: every device of the peer and every other device of ours, or the
     /// one device a resend is for.
-    async fn targets(&self, entry: &OutboxRecord, me: &IdentityRecord) -> Result<Vec<Target>> {
+    async fn targets(
+        &self,
+        entry: &OutboxRecord,
+        me: &IdentityRecord,
+        gone: &HashSet<(PhoneNumber, u32)>,
+    ) -> Result<Vec<Target>> {
         let mut out = Vec::new();
         if let Some((phone, device)) = &entry.only_device {
             let mut peer = self.peer_devices(phone, false).await?;
@@ -267,7 +300,9 @@ impl Client {
             for d in peer.list.devices() {
                 let device = DeviceId::new(d.device_id)
                     .map_err(|e| ClientError::InvalidInput(e.to_string()))?;
-                if phone == me.phone && device == me.device_id {
+                if (phone == me.phone && device == me.device_id)
+                    || gone.contains(&(phone.clone(), d.device_id))
+                {
                     continue;
                 }
                 out.push(Target {
@@ -339,9 +374,9 @@ impl Client {
                 Some(pk) => device.create_outbound_session(&t.curve, &t.ed, pk)?,
                 None => {
                     let latest = store.sessions(&t.phone, t.device).await?;
-                    let rec = latest.first().ok_or_else(|| ClientError::Untrusted {
+                    let rec = latest.first().ok_or_else(|| ClientError::NoKeys {
                         peer: t.phone.to_string(),
-                        reason: format!("device {} has published no keys", t.device),
+                        device: t.device.get(),
                     })?;
                     OlmSession::from_pickle(&rec.pickle, &pickle_key)?
                 }
@@ -401,16 +436,14 @@ impl Client {
                                 }
                             }
                             push::Body::DeviceListChanged(c) => {
-                                if let Ok(phone) = PhoneNumber::from_e164(&c.phone)
-                                    && let Err(e) = self.peer_devices(&phone, true).await
-                                {
-                                    tracing::warn!(error = %e, "device list refresh failed");
+                                if let Ok(phone) = PhoneNumber::from_e164(&c.phone) {
+                                    self.device_list_changed(phone);
                                 }
                             }
                             push::Body::DeviceRemoved(r) => return Some(r.reason),
+                            push::Body::LinkAccepted(a) => self.link_accepted(a),
                             push::Body::Envelope(_)
                             | push::Body::LinkOffered(_)
-                            | push::Body::LinkAccepted(_)
                             | push::Body::LinkDone(_) => {}
                         }
                     }
@@ -422,6 +455,24 @@ impl Client {
             }
         }
         None
+    }
+
+    /// Refreshes a changed device list in the background; on the primary, a change to our own list may
+    /// mean a companion removed itself, and the signed list must follow.
+    fn device_list_changed(&self, phone: PhoneNumber) {
+        let client = self.background();
+        tokio::spawn(async move {
+            if let Err(e) = client.peer_devices(&phone, true).await {
+                tracing::warn!(error = %e, "device list refresh failed");
+            }
+            let own = client
+                .registered_identity()
+                .await
+                .is_ok_and(|me| me.phone == phone);
+            if own && let Err(e) = client.reconcile_own_list().await {
+                tracing::warn!(error = %e, "could not republish the device list");
+            }
+        });
     }
 
     async fn replenish_keys(&self, conn: &Connection, remaining: u32) -> Result<()> {

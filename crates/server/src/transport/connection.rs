@@ -157,12 +157,15 @@ impl Conn {
     ) -> Result<(), ConnError> {
         let refusal = self.hello(&hello).await?;
         let refused = refusal.is_some();
-        self.pending
-            .push(Frame::new(frame::Body::ServerHello(ServerHello {
+        // The hello answer goes first, before anything logging in queued (a keys-low push).
+        self.pending.insert(
+            0,
+            Frame::new(frame::Body::ServerHello(ServerHello {
                 protocol_version: PROTOCOL_VERSION,
                 server_time_ms: crate::now_ms(),
                 error: refusal,
-            })));
+            })),
+        );
         if refused {
             self.closing = true;
         }

@@ -1,0 +1,342 @@
+//! The real `natter` binary against a real natterd on a loopback port: registration with codes from
+//! the SMS log, send/recv/history/whoami (text and JSON), configuration through the environment, exit
+//! codes and messages of the failures scripts must tell apart, and the interactive `chat`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use natter_client::MessageKind;
+use natter_testkit::{TestClient, TestServer, next_message};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+/// A safety net only.
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// `natter` with a clean environment (no NATTER_* from the caller).
+fn natter() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_natter"));
+    cmd.env_remove("NATTER_HOME")
+        .env_remove("NATTER_SERVER")
+        .env_remove("NATTER_LOG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn run(mut cmd: Command) -> Run {
+    let out = tokio::time::timeout(WAIT, cmd.output())
+        .await
+        .expect("natter finished in time")
+        .expect("natter runs");
+    Run {
+        code: out.status.code().expect("exit code"),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+/// `natter --home HOME [--server ADDR] ARGS...`
+async fn natter_in(home: &Path, server: Option<&str>, args: &[&str]) -> Run {
+    let mut cmd = natter();
+    cmd.arg("--home").arg(home);
+    if let Some(s) = server {
+        cmd.args(["--server", s]);
+    }
+    cmd.args(args);
+    run(cmd).await
+}
+
+fn ok(r: &Run, what: &str) {
+    assert_eq!(
+        r.code, 0,
+        "{what} failed: stdout {:?} stderr {:?}",
+        r.stdout, r.stderr
+    );
+}
+
+fn json_lines(s: &str) -> Vec<Value> {
+    s.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+/// Registers `phone` in `home` through the CLI, with the code from the SMS log.
+async fn register(server: &TestServer, home: &Path, phone: &str) {
+    let r = natter_in(home, Some(&server.addr()), &["register", phone]).await;
+    ok(&r, "register");
+    assert!(r.stdout.contains("code sent"), "{}", r.stdout);
+    let code = server.last_code(phone).expect("code in the SMS log");
+    let r = natter_in(home, None, &["verify", &code]).await;
+    ok(&r, "verify");
+    assert!(r.stdout.contains("registered"), "{}", r.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_send_recv_history_and_whoami() {
+    let server = TestServer::start().await;
+    let alice_home = tempfile::tempdir().unwrap();
+    let bob_home = tempfile::tempdir().unwrap();
+    let (alice, bob) = ("+15550006001", "+15550006002");
+    register(&server, alice_home.path(), alice).await;
+
+    // Bob configures everything through NATTER_HOME and NATTER_SERVER.
+    let mut cmd = natter();
+    cmd.env("NATTER_HOME", bob_home.path())
+        .env("NATTER_SERVER", server.addr())
+        .args(["register", bob]);
+    ok(&run(cmd).await, "register with env vars");
+    let code = server.last_code(bob).unwrap();
+    let mut cmd = natter();
+    cmd.env("NATTER_HOME", bob_home.path())
+        .args(["--json", "verify", &code]);
+    let r = run(cmd).await;
+    ok(&r, "verify with env vars");
+    let v = &json_lines(&r.stdout)[0];
+    assert_eq!(v["status"], "registered");
+    assert_eq!(v["phone"], bob);
+
+    // whoami
+    let r = natter_in(alice_home.path(), None, &["--json", "whoami"]).await;
+    ok(&r, "whoami");
+    let me = json_lines(&r.stdout);
+    assert_eq!(me.len(), 1);
+    assert_eq!(me[0]["phone"], alice);
+    assert_eq!(me[0]["device"], 1);
+    assert_eq!(me[0]["registered"], true);
+    assert_eq!(me[0]["server"], server.addr());
+    assert_eq!(me[0]["account_key"].as_str().unwrap().len(), 64);
+    let r = natter_in(alice_home.path(), None, &["whoami"]).await;
+    ok(&r, "whoami (text)");
+    assert!(r.stdout.contains(alice) && r.stdout.contains("registered"));
+
+    // send (text output names the id; JSON gives it as a field)
+    let r = natter_in(alice_home.path(), None, &["send", bob, "hello", "Bob"]).await;
+    ok(&r, "send");
+    let first_id = r
+        .stdout
+        .rsplit_once('(')
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(id, _)| id.to_owned())
+        .unwrap_or_else(|| panic!("no id in {:?}", r.stdout));
+    assert_eq!(first_id.len(), 32, "{}", r.stdout);
+    let r = natter_in(
+        alice_home.path(),
+        None,
+        &["--json", "send", bob, "second one"],
+    )
+    .await;
+    ok(&r, "send --json");
+    let sent = json_lines(&r.stdout);
+    assert_eq!(sent.len(), 1);
+    let second_id = sent[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(sent[0]["to"], bob);
+    assert_eq!(sent[0]["status"], "sent");
+
+    // recv prints each message once, one JSON object per line.
+    let mut cmd = natter();
+    cmd.env("NATTER_HOME", bob_home.path())
+        .args(["recv", "--json"]);
+    let r = run(cmd).await;
+    ok(&r, "recv");
+    let got = json_lines(&r.stdout);
+    assert_eq!(got.len(), 2, "{}", r.stdout);
+    for (m, (id, text)) in got
+        .iter()
+        .zip([(&first_id, "hello Bob"), (&second_id, "second one")])
+    {
+        assert_eq!(m["id"], id.as_str());
+        assert_eq!(m["from"], alice);
+        assert_eq!(m["text"], text);
+        assert!(m["ts"].as_u64().unwrap() > 0);
+    }
+    let r = natter_in(bob_home.path(), None, &["--json", "recv"]).await;
+    ok(&r, "second recv");
+    assert_eq!(r.stdout, "", "nothing new the second time");
+
+    // Alice collects Bob's receipts; her history shows both messages read.
+    let r = natter_in(alice_home.path(), None, &["--json", "recv"]).await;
+    ok(&r, "recv at Alice");
+    assert_eq!(r.stdout, "", "receipts are not messages");
+    let r = natter_in(alice_home.path(), None, &["--json", "history", bob]).await;
+    ok(&r, "history");
+    let hist = json_lines(&r.stdout);
+    assert_eq!(hist.len(), 2);
+    for (m, id) in hist.iter().zip([&first_id, &second_id]) {
+        assert_eq!(m["id"], id.as_str());
+        assert_eq!(m["from_me"], true);
+        assert_eq!(m["from"], alice);
+        assert_eq!(m["chat"], bob);
+        assert_eq!(m["status"], "read");
+    }
+    let r = natter_in(bob_home.path(), None, &["history", alice]).await;
+    ok(&r, "history (text)");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", r.stdout);
+    assert!(
+        lines[0].ends_with(&format!("{alice}: hello Bob")),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].ends_with(&format!("{alice}: second one")),
+        "{}",
+        lines[1]
+    );
+}
+
+/// A failed run: the expected exit code, and a message on stderr that says what went wrong.
+fn fails(r: &Run, code: i32, says: &str) {
+    assert_eq!(r.code, code, "stdout {:?} stderr {:?}", r.stdout, r.stderr);
+    assert!(r.stderr.starts_with("natter: "), "{:?}", r.stderr);
+    assert!(
+        r.stderr.contains(says),
+        "expected {says:?} in {:?}",
+        r.stderr
+    );
+    assert_eq!(
+        r.stderr.lines().count(),
+        1,
+        "one clear line: {:?}",
+        r.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_have_distinct_exit_codes_and_clear_messages() {
+    let server = TestServer::start().await;
+    let addr = server.addr();
+
+    // 3: not registered.
+    let empty = tempfile::tempdir().unwrap();
+    let r = natter_in(empty.path(), Some(&addr), &["send", "+15550006101", "hi"]).await;
+    fails(&r, 3, "this device is not registered: run `natter register");
+    let r = natter_in(empty.path(), None, &["whoami"]).await;
+    fails(&r, 3, "not registered");
+
+    // 4: server unreachable (a port nobody listens on).
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let home = tempfile::tempdir().unwrap();
+    let r = natter_in(home.path(), Some(&closed), &["register", "+15550006102"]).await;
+    fails(&r, 4, &format!("cannot reach the server at {closed}"));
+
+    // 6: wrong code.
+    let home = tempfile::tempdir().unwrap();
+    let phone = "+15550006103";
+    ok(
+        &natter_in(home.path(), Some(&addr), &["register", phone]).await,
+        "register",
+    );
+    let code: u32 = server.last_code(phone).unwrap().parse().unwrap();
+    let bad = format!("{:06}", (code + 1) % 1_000_000);
+    let r = natter_in(home.path(), None, &["verify", &bad]).await;
+    fails(&r, 6, "wrong code (4 attempts left)");
+    // In JSON mode the error is also on stdout, machine-readable.
+    let r = natter_in(home.path(), None, &["--json", "verify", &bad]).await;
+    fails(&r, 6, "wrong code (3 attempts left)");
+    let v = &json_lines(&r.stdout)[0];
+    assert_eq!(v["exit_code"], 6);
+    assert!(v["error"].as_str().unwrap().contains("wrong code"));
+
+    // 7: unknown number.
+    let alice = tempfile::tempdir().unwrap();
+    register(&server, alice.path(), "+15550006104").await;
+    let r = natter_in(alice.path(), None, &["send", "+15550006199", "anyone?"]).await;
+    fails(&r, 7, "+15550006199 is not on Natter");
+
+    // 8: invalid number, for send and for register (refused before anything is sent).
+    let r = natter_in(alice.path(), None, &["send", "12345", "hi"]).await;
+    fails(&r, 8, "invalid phone number \"12345\"");
+    let r = natter_in(home.path(), Some(&addr), &["register", "+1 555"]).await;
+    fails(&r, 8, "invalid phone number");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_sends_typed_lines_and_shows_incoming_ones() {
+    let server = TestServer::start().await;
+    let alice_home = tempfile::tempdir().unwrap();
+    let alice = "+15550006201";
+    register(&server, alice_home.path(), alice).await;
+    let bob = TestClient::online(&server, "+15550006202").await;
+    let mut bob_ev = bob.client.subscribe();
+
+    let mut child = natter()
+        .arg("--home")
+        .arg(alice_home.path())
+        .args(["chat", bob.phone.as_str()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let mut wait_line = async |pred: &dyn Fn(&str) -> bool, seen: &mut Vec<String>| {
+        tokio::time::timeout(WAIT, async {
+            while let Some(l) = stdout.next_line().await.unwrap() {
+                seen.push(l.clone());
+                if pred(&l) {
+                    return;
+                }
+            }
+            panic!("chat ended early; output: {seen:?}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out; output so far: {seen:?}"));
+    };
+    wait_line(&|l| l.contains("chatting with"), &mut seen).await;
+
+    // A typed line goes to Bob.
+    stdin.write_all(b"hello from the chat\n").await.unwrap();
+    stdin.flush().await.unwrap();
+    let got = next_message(&mut bob_ev, WAIT, |m| m.kind == MessageKind::Text).await;
+    assert_eq!(got.text, "hello from the chat");
+    assert_eq!(got.chat.as_str(), alice);
+    wait_line(&|l| l.contains("sent to"), &mut seen).await;
+
+    // Bob's answer appears on the chat's stdout.
+    bob.client
+        .send_text(&got.chat, "hello back from Bob")
+        .await
+        .unwrap();
+    wait_line(&|l| l.contains("hello back from Bob"), &mut seen).await;
+    let line = seen.last().unwrap();
+    assert!(line.contains(bob.phone.as_str()), "{line}");
+
+    // End of input ends the chat, successfully.
+    drop(stdin);
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("chat exits when stdin closes")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // The conversation is in Alice's history.
+    let r = natter_in(
+        alice_home.path(),
+        None,
+        &["--json", "history", bob.phone.as_str()],
+    )
+    .await;
+    ok(&r, "history");
+    let texts: Vec<String> = json_lines(&r.stdout)
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(texts, ["hello from the chat", "hello back from Bob"]);
+}
