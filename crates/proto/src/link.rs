@@ -48,7 +48,10 @@ impl Drop for LinkQr {
 impl LinkQr {
     /// The text carried by the QR code (`natter-link:` and base64url).
     pub fn to_text(&self) -> String {
-        format!("{QR_PREFIX}{}", URL_SAFE_NO_PAD.encode(self.encode_to_vec()))
+        format!(
+            "{QR_PREFIX}{}",
+            URL_SAFE_NO_PAD.encode(self.encode_to_vec())
+        )
     }
 
     /// Parses and validates the QR code's text.
@@ -61,12 +64,14 @@ impl LinkQr {
                 max: MAX_QR_TEXT,
             });
         }
-        let b64 = text
-            .strip_prefix(QR_PREFIX)
-            .ok_or(ProtoError::Invalid { what: "QR code (not a Natter link code)" })?;
+        let b64 = text.strip_prefix(QR_PREFIX).ok_or(ProtoError::Invalid {
+            what: "QR code (not a Natter link code)",
+        })?;
         let bytes = URL_SAFE_NO_PAD
             .decode(b64)
-            .map_err(|_| ProtoError::Invalid { what: "QR code encoding" })?;
+            .map_err(|_| ProtoError::Invalid {
+                what: "QR code encoding",
+            })?;
         let qr = LinkQr::decode(bytes.as_slice())?;
         let sizes_ok = qr.reference.len() == 16
             && qr.identity_curve.len() == 32
@@ -74,7 +79,9 @@ impl LinkQr {
             && qr.noise_key.len() == 32
             && qr.secret.len() == 32;
         if !sizes_ok {
-            return Err(ProtoError::Invalid { what: "QR code keys" });
+            return Err(ProtoError::Invalid {
+                what: "QR code keys",
+            });
         }
         if qr.name.len() > MAX_SHORT_TEXT {
             return Err(ProtoError::LimitExceeded {

@@ -108,7 +108,10 @@ pub struct Request {
     #[prost(uint64, tag = "1")]
     pub id: u64,
     /// The operation.
-    #[prost(oneof = "request::Body", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13")]
+    #[prost(
+        oneof = "request::Body",
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13"
+    )]
     pub body: Option<request::Body>,
 }
 
