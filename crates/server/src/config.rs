@@ -23,6 +23,10 @@ pub struct ServerConfig {
     pub expiry_interval: Duration,
     /// How long an unacknowledged envelope is kept. Default 30 days.
     pub envelope_retention: Duration,
+    /// How long a companion's link code (QR) stays valid. Default 60 s.
+    pub link_ttl: Duration,
+    /// Companions of a primary that has not connected for this long are logged out. Default 14 days.
+    pub companion_logout_after: Duration,
 }
 
 /// Limits on registration, against abuse of SMS and guessing of codes.
@@ -66,6 +70,8 @@ impl ServerConfig {
             registration: RegistrationLimits::default(),
             expiry_interval: Duration::from_secs(3600),
             envelope_retention: limits::ENVELOPE_RETENTION,
+            link_ttl: natter_proto::link::LINK_TTL,
+            companion_logout_after: Duration::from_secs(14 * 24 * 3600),
         }
     }
 }

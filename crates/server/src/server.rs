@@ -196,6 +196,36 @@ impl Server {
     }
 }
 
+/// Logs out the companions of primaries that have not connected for `companion_logout_after`, as
+/// WhatsApp does: the phone remains the root of the account.
+pub async fn log_out_stale_companions(
+    state: &ServerState,
+) -> Result<usize, crate::store::StoreError> {
+    let cutoff =
+        crate::now_ms().saturating_sub(state.config.companion_logout_after.as_millis() as u64);
+    let stale = state.store.stale_companions(cutoff, 10_000).await?;
+    let mut accounts = std::collections::BTreeSet::new();
+    for (phone, device) in &stale {
+        state.store.remove_device(phone, *device).await?;
+        state.router.kick(
+            phone,
+            *device,
+            "logged out: the phone of this account has not been online for too long",
+        );
+        accounts.insert(phone.clone());
+    }
+    for phone in accounts {
+        crate::handlers::devices::notify_list_changed(state, &phone);
+    }
+    if !stale.is_empty() {
+        tracing::info!(
+            companions = stale.len(),
+            "logged out companions of absent primaries"
+        );
+    }
+    Ok(stale.len())
+}
+
 async fn expire_periodically(state: Arc<ServerState>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(state.config.expiry_interval);
     loop {
@@ -206,6 +236,9 @@ async fn expire_periodically(state: Arc<ServerState>, mut shutdown: watch::Recei
                     Ok(0) => {}
                     Ok(n) => tracing::info!(envelopes = n, "expired undelivered envelopes"),
                     Err(e) => tracing::warn!(error = %e, "expiry failed"),
+                }
+                if let Err(e) = log_out_stale_companions(&state).await {
+                    tracing::warn!(error = %e, "companion logout failed");
                 }
             }
         }

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use natter_proto::PhoneNumber;
-use natter_proto::link::LINK_TTL;
 
 use crate::delivery::ConnShared;
 
@@ -75,11 +74,6 @@ impl LinkSessions {
     /// Ends a session.
     pub fn close(&self, reference: &[u8; 16]) -> Option<LinkSession> {
         self.lock().remove(reference)
-    }
-
-    /// How long a new session lives.
-    pub fn ttl() -> std::time::Duration {
-        LINK_TTL
     }
 }
 

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::{RequestCtx, bad_request};
 use crate::delivery::ConnEvent;
-use crate::directory::{LinkSession, LinkSessions};
+use crate::directory::LinkSession;
 
 /// Largest sealed payload relayed.
 const MAX_SEALED: usize = 4 * MAX_SHORT_TEXT;
@@ -41,7 +41,7 @@ pub async fn create_link_ref(ctx: &RequestCtx, _r: CreateLinkRef) -> Result<resp
     let session = LinkSession {
         companion: ctx.conn.clone(),
         companion_noise: ctx.remote_static,
-        expires: Instant::now().into_std() + LinkSessions::ttl(),
+        expires: Instant::now().into_std() + ctx.state.config.link_ttl,
         offered_by: None,
     };
     ctx.state
@@ -50,7 +50,7 @@ pub async fn create_link_ref(ctx: &RequestCtx, _r: CreateLinkRef) -> Result<resp
         .ok_or_else(|| Error::new(ErrorCode::Unavailable, "too many link sessions; retry"))?;
     Ok(response::Body::LinkRef(LinkRef {
         reference: reference.to_vec(),
-        expires_in_s: LinkSessions::ttl().as_secs() as u32,
+        expires_in_s: ctx.state.config.link_ttl.as_secs().max(1) as u32,
     }))
 }
 

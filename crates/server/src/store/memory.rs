@@ -217,6 +217,31 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn stale_companions(
+        &self,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<(PhoneNumber, DeviceId)>> {
+        let inner = self.lock()?;
+        let mut out = Vec::new();
+        for (phone, devices) in &inner.devices {
+            let stale = devices
+                .get(&DeviceId::PRIMARY)
+                .is_some_and(|p| p.record.last_seen_ms < cutoff_ms);
+            if stale {
+                out.extend(
+                    devices
+                        .keys()
+                        .filter(|d| !d.is_primary())
+                        .map(|d| (phone.clone(), *d)),
+                );
+            }
+        }
+        out.sort();
+        out.truncate(limit);
+        Ok(out)
+    }
+
     async fn remove_device(&self, phone: &PhoneNumber, device_id: DeviceId) -> StoreResult<()> {
         let mut inner = self.lock()?;
         if let Some(devices) = inner.devices.get_mut(phone) {

@@ -243,6 +243,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// Removes one device with its keys and queued envelopes (the signed list is left as it is).
     async fn remove_device(&self, phone: &PhoneNumber, device_id: DeviceId) -> StoreResult<()>;
+    /// Companions of accounts whose primary last connected before `cutoff_ms`, at most `limit`.
+    async fn stale_companions(
+        &self,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<(PhoneNumber, DeviceId)>>;
     /// Records that a device connected.
     async fn touch_device(
         &self,

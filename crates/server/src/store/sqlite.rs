@@ -946,6 +946,27 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn stale_companions(
+        &self,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<(PhoneNumber, DeviceId)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT c.phone, c.device_id FROM devices c \
+             JOIN devices p ON p.phone = c.phone AND p.device_id = 1 \
+             WHERE c.device_id <> 1 AND p.last_seen_ms < ?1 \
+             ORDER BY c.phone, c.device_id LIMIT ?2",
+        )
+        .bind(i64::try_from(cutoff_ms).unwrap_or(i64::MAX))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.into_iter()
+            .map(|(phone, device)| Ok((dec_phone(&phone)?, dec_device(device)?)))
+            .collect()
+    }
+
     async fn remove_device(&self, phone: &PhoneNumber, device_id: DeviceId) -> StoreResult<()> {
         match self
             .write(Op::RemoveDevice(phone.clone(), device_id))

@@ -180,10 +180,30 @@ async fn device_list_updates(s: &dyn Store) {
     assert!(s.load_queue(&a, dev(2), 0, 10).await.unwrap().is_empty());
     assert_eq!(s.list_devices(&a).await.unwrap().len(), 1);
 
+    // Companions of a primary that has been away are found; the primary's own entry never is.
+    s.touch_device(&a, DeviceId::PRIMARY, 2_000).await.unwrap();
+    let again_companion = crate::store::DeviceListUpdate {
+        device_list: vec![5],
+        version: 5,
+        added: vec![DeviceRecord {
+            device_id: dev(3),
+            ..device_record(&a, 50)
+        }],
+        removed: vec![],
+    };
+    s.update_devices(&a, &again_companion).await.unwrap();
+    assert_eq!(s.stale_companions(2_000, 10).await.unwrap(), vec![]);
+    assert_eq!(
+        s.stale_companions(2_001, 10).await.unwrap(),
+        vec![(a.clone(), dev(3))]
+    );
+    assert_eq!(s.stale_companions(2_001, 0).await.unwrap(), vec![]);
+    s.remove_device(&a, dev(3)).await.unwrap();
+
     // A device re-added later starts empty; remove_device leaves the list alone.
     let again = crate::store::DeviceListUpdate {
         device_list: vec![4],
-        version: 4,
+        version: 6,
         added: vec![DeviceRecord {
             device_id: dev(2),
             ..device_record(&a, 40)
@@ -199,7 +219,7 @@ async fn device_list_updates(s: &dyn Store) {
             .unwrap()
             .unwrap()
             .device_list_version,
-        4
+        6
     );
 }
 
