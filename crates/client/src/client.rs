@@ -577,6 +577,15 @@ impl Client {
         let conn = Arc::new(conn);
         self.inner.conn.send_replace(Some(conn.clone()));
         self.emit(Event::Connected);
+        if identity.device_id == DeviceId::PRIMARY {
+            // Companions may have left (or been logged out) while the phone was away.
+            let client = self.background();
+            tokio::spawn(async move {
+                if let Err(e) = client.reconcile_own_list().await {
+                    tracing::debug!(error = %e, "device list reconciliation failed");
+                }
+            });
+        }
         Ok((conn, pushes))
     }
 
