@@ -156,7 +156,7 @@ impl Client {
                     }
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return self.fail_if_permanent(entry, e).await,
             };
             let conn = self.connection(CONNECTION_WAIT).await?;
             let req = SendMessage {
@@ -214,7 +214,8 @@ impl Client {
                     | ErrorCode::BadRequest
                     | ErrorCode::LimitExceeded
             ),
-            ClientError::Untrusted { .. } => true,
+            // A forged prekey or a list that does not verify will not verify on a retry either.
+            ClientError::Untrusted { .. } | ClientError::Crypto(_) => true,
             _ => false,
         };
         if permanent {
