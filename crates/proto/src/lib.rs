@@ -18,6 +18,7 @@ pub mod content;
 pub mod device_list;
 pub mod error;
 pub mod frame;
+pub mod fuzzing;
 pub mod ids;
 pub mod limits;
 pub mod link;
