@@ -11,6 +11,8 @@ use crate::wire::{Frame, frame, push, request};
 
 /// Bytes of the length prefix.
 pub const LEN_PREFIX: usize = 4;
+/// Most a decoder reserves ahead of bytes that have actually arrived.
+const MAX_EAGER_RESERVE: usize = 64 * 1024;
 
 /// Appends the frame, length-prefixed, to `out`.
 pub fn encode_frame(f: &Frame, out: &mut Vec<u8>) -> Result<(), ProtoError> {
@@ -79,7 +81,10 @@ impl FrameDecoder {
             });
         }
         if self.buf.len() < LEN_PREFIX + len {
-            self.buf.reserve(LEN_PREFIX + len - self.buf.len());
+            // Reserve for what is likely to come soon, not for what a peer merely announces: a few
+            // bytes of prefix must not pin a megabyte per connection.
+            self.buf
+                .reserve((LEN_PREFIX + len - self.buf.len()).min(MAX_EAGER_RESERVE));
             return Ok(None);
         }
         self.buf.advance(LEN_PREFIX);
@@ -237,6 +242,14 @@ mod tests {
             encode_frame(&big, &mut out),
             Err(ProtoError::FrameTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn an_announced_frame_does_not_reserve_its_full_length() {
+        let mut d = FrameDecoder::new();
+        d.push(&(MAX_FRAME_LEN as u32).to_be_bytes());
+        assert!(d.next_frame().unwrap().is_none());
+        assert!(d.buf.capacity() <= 2 * MAX_EAGER_RESERVE);
     }
 
     #[test]
