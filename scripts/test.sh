@@ -18,3 +18,5 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace
+echo "== fuzz targets build (run them with scripts/fuzz.sh)"
+cargo check --manifest-path fuzz/Cargo.toml --all-targets
