@@ -1,0 +1,295 @@
+//! natter-bench: the load generator for natterd.
+//!
+//! It speaks the real protocol through natter-proto and natter-crypto (Noise `XX` handshake, hello,
+//! registration with an SMS code and a signed device list, prekeys, Olm sessions), without natter-client
+//! and its per-device SQLite store, so that what it measures is the server.
+//!
+//! Scenarios:
+//! - `pairs`: messages per second through one natterd between N online pairs, and one-way delivery
+//!   latency (p50/p99/p99.9/max), closed loop or at an offered rate (`--rate`).
+//! - `idle`: natterd's resident memory per idle connection, at N connections.
+//! - `register`: registrations per second; saves the devices' login keys for `idle --accounts-file`.
+//!
+//! Every run ends with one summary line on standard output (`key=value …`, or JSON with `--json`);
+//! progress goes to standard error. Only loopback servers are accepted. See BENCHMARKS.md.
+
+mod adapter;
+mod idle;
+mod pairs;
+mod report;
+mod stats;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use natter_proto::limits::ONE_TIME_KEYS_TARGET;
+
+use crate::adapter::SmsLog;
+use crate::stats::Proc;
+
+/// Load generator for natterd.
+#[derive(Parser, Debug)]
+#[command(name = "natter-bench", version, about = "Load generator for natterd")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// Options every scenario takes.
+#[derive(Args, Debug)]
+struct Common {
+    /// natterd's address (loopback only).
+    #[arg(long, global = true, default_value = "127.0.0.1:5222")]
+    server: String,
+    /// The file natterd's SMS gateway writes codes to (natterd --sms-gateway file:PATH).
+    #[arg(long, global = true, default_value = "sms.log")]
+    sms_log: PathBuf,
+    /// natterd's process id, to read its CPU time and memory from /proc.
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    /// Print the summary as one JSON object instead of key=value pairs.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Upper limit on the measured phase, in seconds.
+    #[arg(long, global = true, default_value_t = 300)]
+    timeout: u64,
+    /// Registrations run at once during setup.
+    #[arg(long, global = true, default_value_t = 64)]
+    register_concurrency: usize,
+    /// One-time keys each registered device uploads (a client keeps 50 uploaded).
+    #[arg(long, global = true, default_value_t = ONE_TIME_KEYS_TARGET)]
+    one_time_keys: usize,
+    /// Tokio worker threads (default: the CPUs this process may run on).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Scenario {
+    /// Messages per second and delivery latency between online pairs.
+    Pairs {
+        /// Sender/receiver pairs, each a registered account logged in on its own connection.
+        #[arg(long, default_value_t = 100)]
+        pairs: usize,
+        /// Messages each sender sends.
+        #[arg(long, default_value_t = 1000)]
+        messages: u32,
+        /// Offered load in messages per second over all pairs (open loop; latency from the scheduled
+        /// send time). Without it: closed loop, each sender keeps --window requests in flight.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Unanswered SendMessage requests per sender connection (natterd allows 64).
+        #[arg(long, default_value_t = 32)]
+        window: usize,
+        /// Encrypt a pool of ciphertexts per pair up front and replay it (loads the server alone);
+        /// receivers then only acknowledge. Default: encrypt every message, receivers decrypt all.
+        #[arg(long)]
+        pre_encrypted: bool,
+        /// Ciphertexts per pair in the pre-encrypted pool.
+        #[arg(long, default_value_t = 64)]
+        pool: usize,
+        /// Bytes of text per message (the encoded Content is about 30 bytes more).
+        #[arg(long, default_value_t = 170)]
+        text_bytes: usize,
+    },
+    /// Register accounts (RequestCode, VerifyCode, UploadKeys) and measure how fast; optionally save
+    /// their login keys for `idle --accounts-file`.
+    Register {
+        /// Accounts to register.
+        #[arg(long, default_value_t = 10_000)]
+        accounts: usize,
+        /// Where to write `<number> <Noise private key>` lines (mode 0600).
+        #[arg(long)]
+        save: Option<PathBuf>,
+    },
+    /// natterd's resident memory per idle connection.
+    Idle {
+        /// Connections to hold open (each a registered device, one connection per device).
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Hold anonymous connections (handshake and hello without login) instead.
+        #[arg(long, conflicts_with = "accounts_file")]
+        anonymous: bool,
+        /// Log in as devices registered earlier with `register --save FILE` (so natterd can be
+        /// restarted in between and the baseline holds no registration garbage) instead of
+        /// registering them in this run.
+        #[arg(long)]
+        accounts_file: Option<PathBuf>,
+        /// Connections opened at once.
+        #[arg(long, default_value_t = 64)]
+        connect_concurrency: usize,
+        /// Seconds to wait before each memory sample.
+        #[arg(long, default_value_t = 5)]
+        settle: u64,
+        /// Seconds to keep the connections idle after the "after" sample before sampling again. With
+        /// --settle, over 30 s lets every connection send one keep-alive ping, as clients do.
+        #[arg(long, default_value_t = 35)]
+        hold: u64,
+    },
+}
+
+async fn check_loopback(server: &str) -> Result<()> {
+    let addrs: Vec<_> = tokio::net::lookup_host(server)
+        .await
+        .with_context(|| format!("resolving {server}"))?
+        .collect();
+    if addrs.is_empty() || !addrs.iter().all(|a| a.ip().is_loopback()) {
+        bail!(
+            "--server {server}: natter-bench only loads a server on this machine (127.0.0.0/8 or ::1)"
+        );
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let c = &cli.common;
+    check_loopback(&c.server).await?;
+    let server = c.server_pid.map(Proc::new).transpose()?;
+    let sms = Arc::new(SmsLog::open(&c.sms_log)?);
+    let timeout = Duration::from_secs(c.timeout);
+    let load_before = stats::loadavg_1m();
+    let mut summary = match cli.scenario {
+        Scenario::Pairs {
+            pairs,
+            messages,
+            rate,
+            window,
+            pre_encrypted,
+            pool,
+            text_bytes,
+        } => {
+            if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+                bail!("--rate must be a positive number of messages per second");
+            }
+            pairs::run(
+                &c.server,
+                sms,
+                pairs::PairsOptions {
+                    pairs,
+                    messages,
+                    rate,
+                    window: window.min(natter_proto::limits::MAX_INFLIGHT_REQUESTS),
+                    pre_encrypted,
+                    pool,
+                    text_bytes: text_bytes.min(natter_proto::limits::MAX_TEXT_BYTES),
+                    concurrency: c.register_concurrency,
+                    one_time_keys: c.one_time_keys,
+                    timeout,
+                    server,
+                },
+            )
+            .await?
+        }
+        Scenario::Register { accounts, save } => {
+            register(&c.server, sms, accounts, save, c, timeout).await?
+        }
+        Scenario::Idle {
+            connections,
+            anonymous,
+            accounts_file,
+            connect_concurrency,
+            settle,
+            hold,
+        } => {
+            let Some(server) = server else {
+                bail!("idle needs --server-pid to read natterd's memory");
+            };
+            idle::run(
+                &c.server,
+                sms,
+                idle::IdleOptions {
+                    connections,
+                    anonymous,
+                    accounts: accounts_file
+                        .as_deref()
+                        .map(adapter::Credentials::load_all)
+                        .transpose()?,
+                    register_concurrency: c.register_concurrency,
+                    connect_concurrency,
+                    one_time_keys: c.one_time_keys,
+                    settle: Duration::from_secs(settle),
+                    hold: Duration::from_secs(hold),
+                    timeout,
+                    server,
+                },
+            )
+            .await?
+        }
+    };
+    // Other processes on the same cores skew every figure: record how busy the machine was.
+    if let (Some(a), Some(b)) = (load_before, stats::loadavg_1m()) {
+        summary.float("loadavg_1m_start", a, 2);
+        summary.float("loadavg_1m_end", b, 2);
+    }
+    println!(
+        "{}",
+        if c.json {
+            summary.json()
+        } else {
+            summary.line()
+        }
+    );
+    Ok(())
+}
+
+async fn register(
+    addr: &str,
+    sms: Arc<SmsLog>,
+    accounts: usize,
+    save: Option<PathBuf>,
+    c: &Common,
+    timeout: Duration,
+) -> Result<report::Summary> {
+    if accounts == 0 {
+        bail!("--accounts must be at least 1");
+    }
+    let started = tokio::time::Instant::now();
+    let devices = tokio::time::timeout(
+        timeout,
+        adapter::register_many(
+            addr,
+            sms,
+            adapter::Numbers::new()?,
+            0,
+            accounts,
+            c.register_concurrency,
+            c.one_time_keys,
+        ),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("registration did not finish within --timeout"))??;
+    let secs = started.elapsed().as_secs_f64();
+    if let Some(path) = &save {
+        let creds: Vec<_> = devices.iter().map(adapter::Credentials::from).collect();
+        adapter::Credentials::save_all(path, &creds)?;
+    }
+    let mut s = report::Summary::new("register");
+    s.int("accounts", accounts as u64);
+    s.int("concurrency", c.register_concurrency as u64);
+    s.int("one_time_keys", c.one_time_keys as u64);
+    s.float("register_s", secs, 1);
+    s.float("registrations_per_s", accounts as f64 / secs.max(1e-9), 0);
+    Ok(s)
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NATTER_BENCH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(t) = cli.common.threads {
+        rt.worker_threads(t.max(1));
+    }
+    rt.build()?.block_on(run(cli))
+}
