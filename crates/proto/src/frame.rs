@@ -96,7 +96,7 @@ impl FrameDecoder {
 
     /// An idle connection should own no buffer: give a large empty one back to the allocator.
     fn release_if_empty(&mut self) {
-        if self.buf.is_empty() && self.buf.capacity() > 4096 {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
             self.buf = BytesMut::new();
         }
     }

@@ -109,7 +109,8 @@ impl RecordReader {
         }
         self.buf.advance(RECORD_PREFIX);
         let rec = self.buf.split_to(len);
-        if self.buf.is_empty() && self.buf.capacity() > 4096 {
+        if self.buf.is_empty() {
+            // An idle connection keeps no buffer.
             self.buf = BytesMut::new();
         }
         Some(rec)

@@ -55,6 +55,8 @@ pub struct ServerState {
     pub links: crate::directory::LinkSessions,
     /// Who follows whose device list.
     pub watchers: crate::directory::Watchers,
+    /// Device ids per account, for the send path.
+    pub device_cache: crate::directory::DeviceCache,
     /// The server's Noise static key, which clients pin.
     pub noise_key: StaticKeypair,
     /// The configuration it runs with.
@@ -72,6 +74,26 @@ impl std::fmt::Debug for ServerState {
 }
 
 impl ServerState {
+    /// The device ids of an account (empty if it does not exist), from the cache when possible.
+    pub async fn device_ids(
+        &self,
+        phone: &natter_proto::PhoneNumber,
+    ) -> Result<std::sync::Arc<[natter_proto::DeviceId]>, crate::store::StoreError> {
+        let generation = match self.device_cache.get(phone) {
+            Ok(ids) => return Ok(ids),
+            Err(generation) => generation,
+        };
+        let ids: std::sync::Arc<[natter_proto::DeviceId]> = self
+            .store
+            .list_devices(phone)
+            .await?
+            .into_iter()
+            .map(|d| d.device_id)
+            .collect();
+        self.device_cache.insert(phone, ids.clone(), generation);
+        Ok(ids)
+    }
+
     /// A fresh connection id.
     pub fn next_conn_id(&self) -> u64 {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
@@ -155,6 +177,7 @@ impl Server {
             registration: Registration::new(gateway, config.registration.clone()),
             links: Default::default(),
             watchers: Default::default(),
+            device_cache: Default::default(),
             noise_key,
             config,
             next_conn_id: AtomicU64::new(1),
@@ -203,10 +226,18 @@ pub async fn log_out_stale_companions(
 ) -> Result<usize, crate::store::StoreError> {
     let cutoff =
         crate::now_ms().saturating_sub(state.config.companion_logout_after.as_millis() as u64);
-    let stale = state.store.stale_companions(cutoff, 10_000).await?;
+    let mut stale = state.store.stale_companions(cutoff, 10_000).await?;
+    // The primary's last-seen time is its last login: a phone connected all along is not absent.
+    stale.retain(|(phone, _)| {
+        state
+            .router
+            .get(phone, natter_proto::DeviceId::PRIMARY)
+            .is_none()
+    });
     let mut accounts = std::collections::BTreeSet::new();
     for (phone, device) in &stale {
         state.store.remove_device(phone, *device).await?;
+        state.device_cache.invalidate(phone);
         state.router.kick(
             phone,
             *device,

@@ -24,12 +24,19 @@ pub enum ConnEvent {
     Resync,
     /// The store deleted these acknowledged envelopes.
     Acked(Vec<u64>),
-    /// A response to one of the connection's requests.
-    Response(Response),
+    /// A response to one of the connection's requests (boxed: the channel's slots stay small).
+    Response(Box<Response>),
     /// A push without user data (no acknowledgement needed).
-    Push(Push),
+    Push(Box<Push>),
     /// The device is gone: tell the client why, then close.
     Kick(String),
+}
+
+impl ConnEvent {
+    /// A push event.
+    pub fn push(p: Push) -> Self {
+        ConnEvent::Push(Box::new(p))
+    }
 }
 
 /// The sending side of a connection, held by the router.

@@ -107,3 +107,85 @@ impl Watchers {
             .unwrap_or_default()
     }
 }
+
+/// Device ids per account, cached for the send path (which checks every message's device set). Every
+/// change of an account's devices invalidates its entry. A read that raced an invalidation is not
+/// cached, thanks to a per-shard generation.
+#[derive(Debug)]
+pub struct DeviceCache {
+    shards: Vec<Mutex<CacheShard>>,
+}
+
+#[derive(Debug, Default)]
+struct CacheShard {
+    generation: u64,
+    map: HashMap<PhoneNumber, Arc<[natter_proto::DeviceId]>>,
+}
+
+const CACHE_SHARDS: usize = 64;
+/// Entries per shard before the shard starts over (a cache, not a store).
+const CACHE_SHARD_CAP: usize = 65_536;
+
+impl Default for DeviceCache {
+    fn default() -> Self {
+        Self {
+            shards: (0..CACHE_SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+}
+
+impl DeviceCache {
+    fn shard(&self, phone: &PhoneNumber) -> MutexGuard<'_, CacheShard> {
+        use std::hash::{DefaultHasher, Hash, Hasher};
+        let mut h = DefaultHasher::new();
+        phone.hash(&mut h);
+        self.shards[(h.finish() as usize) % CACHE_SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cached ids, or the generation to hand back to [`DeviceCache::insert`] after a store read.
+    pub fn get(&self, phone: &PhoneNumber) -> Result<Arc<[natter_proto::DeviceId]>, u64> {
+        let shard = self.shard(phone);
+        shard.map.get(phone).cloned().ok_or(shard.generation)
+    }
+
+    /// Caches ids read from the store, unless the account changed since `generation`.
+    pub fn insert(&self, phone: &PhoneNumber, ids: Arc<[natter_proto::DeviceId]>, generation: u64) {
+        let mut shard = self.shard(phone);
+        if shard.generation != generation {
+            return;
+        }
+        if shard.map.len() >= CACHE_SHARD_CAP {
+            shard.map.clear();
+        }
+        shard.map.insert(phone.clone(), ids);
+    }
+
+    /// Forgets an account's devices (they changed).
+    pub fn invalidate(&self, phone: &PhoneNumber) {
+        let mut shard = self.shard(phone);
+        shard.generation += 1;
+        shard.map.remove(phone);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use natter_proto::DeviceId;
+
+    #[test]
+    fn a_read_that_raced_an_invalidation_is_not_cached() {
+        let cache = DeviceCache::default();
+        let p = PhoneNumber::from_e164("+15550000001").unwrap();
+        let generation = cache.get(&p).unwrap_err();
+        cache.invalidate(&p);
+        cache.insert(&p, Arc::from(vec![DeviceId::PRIMARY]), generation);
+        let generation = cache.get(&p).unwrap_err();
+        cache.insert(&p, Arc::from(vec![DeviceId::PRIMARY]), generation);
+        assert_eq!(cache.get(&p).unwrap().len(), 1);
+        cache.invalidate(&p);
+        assert!(cache.get(&p).is_err());
+    }
+}

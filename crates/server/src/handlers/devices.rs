@@ -39,7 +39,7 @@ pub async fn get_devices(ctx: &RequestCtx, r: GetDevices) -> Result<response::Bo
 /// Tells every online device that follows `phone` (and `phone`'s own devices) that its list changed.
 pub fn notify_list_changed(state: &crate::ServerState, phone: &PhoneNumber) {
     let push = || {
-        ConnEvent::Push(Push {
+        ConnEvent::push(Push {
             body: Some(push::Body::DeviceListChanged(DeviceListChanged {
                 phone: phone.as_str().to_owned(),
             })),
@@ -162,7 +162,9 @@ pub async fn publish_device_list(
         added,
         removed: removed.clone(),
     };
-    match state.store.update_devices(&login.phone, &update).await {
+    let updated = state.store.update_devices(&login.phone, &update).await;
+    state.device_cache.invalidate(&login.phone);
+    match updated {
         Ok(()) => {}
         Err(StoreError::Conflict) => {
             return Err(stale("another device list was published meanwhile".into()));
@@ -178,7 +180,7 @@ pub async fn publish_device_list(
     }
     if let Some((reference, session, id)) = link {
         state.links.close(&reference);
-        session.companion.send(ConnEvent::Push(Push {
+        session.companion.send(ConnEvent::push(Push {
             body: Some(push::Body::LinkDone(LinkDone {
                 phone: login.phone.as_str().to_owned(),
                 device_id: id.get(),
@@ -205,6 +207,7 @@ pub async fn remove_self(ctx: &RequestCtx, _r: RemoveSelf) -> Result<response::B
         .remove_device(&login.phone, login.device)
         .await
         .map_err(store_error)?;
+    ctx.state.device_cache.invalidate(&login.phone);
     notify_list_changed(&ctx.state, &login.phone);
     Ok(response::Body::Done(Done {}))
 }

@@ -120,7 +120,7 @@ async fn claim_one(
         ctx.state.router.notify(
             phone,
             device,
-            ConnEvent::Push(Push {
+            ConnEvent::push(Push {
                 body: Some(push::Body::KeysLow(KeysLow {
                     remaining: claimed.remaining,
                 })),

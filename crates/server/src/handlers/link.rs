@@ -71,7 +71,7 @@ pub async fn link_offer(ctx: &RequestCtx, r: LinkOffer) -> Result<response::Body
     if session.offered_by.is_some() {
         return Err(bad_request("this link code was already used"));
     }
-    let delivered = session.companion.send(ConnEvent::Push(Push {
+    let delivered = session.companion.send(ConnEvent::push(Push {
         body: Some(push::Body::LinkOffered(LinkOffered {
             reference: reference.to_vec(),
             sealed: r.sealed,
@@ -102,7 +102,7 @@ pub async fn link_accept(ctx: &RequestCtx, r: LinkAccept) -> Result<response::Bo
     let Some((_, primary)) = session.offered_by else {
         return Err(bad_request("no primary has scanned this code yet"));
     };
-    let delivered = primary.send(ConnEvent::Push(Push {
+    let delivered = primary.send(ConnEvent::push(Push {
         body: Some(push::Body::LinkAccepted(LinkAccepted {
             reference: reference.to_vec(),
             sealed: r.sealed,

@@ -1,18 +1,21 @@
 //! `SendMessage`: a 1:1 message, one ciphertext per device. The device set must match the recipient's
-//! devices plus the sender's other devices exactly, so no device is ever skipped silently; the message is
-//! durable for every device before the sender hears "sent".
+//! devices plus the sender's other devices exactly (those on the accounts' signed lists), so no device is
+//! ever skipped silently; the message is durable for every device before the sender hears "sent".
 
 use std::collections::BTreeSet;
 
+use natter_proto::device_list::DeviceListContent;
 use natter_proto::limits::MAX_DECRYPT_RETRIES;
 use natter_proto::wire::{
-    DeviceMessage, Error, ErrorCode, MismatchedDevices, SendMessage, Sent, response,
+    DeviceMessage, Error, ErrorCode, MismatchedDevices, SendMessage, Sent, SignedDeviceList,
+    response,
 };
 use natter_proto::{DeviceId, MessageId, PhoneNumber};
+use prost::Message;
 
 use super::register::unknown_account;
 use super::{RequestCtx, bad_request, store_error};
-use crate::store::{EnqueueOutcome, NewEnvelope, NewMessage, RetryInfo};
+use crate::store::{EnqueueOutcome, NewEnvelope, NewMessage, RetryInfo, Store, StoreError};
 
 /// Validates, stores and routes one message.
 pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::Body, Error> {
@@ -36,12 +39,13 @@ pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::
         })
     };
 
-    let peer_devices: BTreeSet<DeviceId> = store
-        .list_devices(&recipient)
+    let peer_devices: BTreeSet<DeviceId> = ctx
+        .state
+        .device_ids(&recipient)
         .await
         .map_err(store_error)?
-        .into_iter()
-        .map(|d| d.device_id)
+        .iter()
+        .copied()
         .collect();
     if peer_devices.is_empty() {
         return Err(unknown_account(&recipient));
@@ -49,12 +53,12 @@ pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::
     let own_devices: BTreeSet<DeviceId> = if recipient == login.phone {
         BTreeSet::new()
     } else {
-        store
-            .list_devices(&login.phone)
+        ctx.state
+            .device_ids(&login.phone)
             .await
             .map_err(store_error)?
-            .into_iter()
-            .map(|d| d.device_id)
+            .iter()
+            .copied()
             .filter(|d| *d != login.device)
             .collect()
     };
@@ -92,6 +96,10 @@ pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::
             ciphertext: m.ciphertext,
         });
     }
+    // A device record that the account's signed list does not hold (a database altered behind
+    // natterd's back) must neither receive the message nor block it: only listed devices are required.
+    let peer_devices = listed_only(&**store, &recipient, peer_devices, &to_peer).await?;
+    let own_devices = listed_only(&**store, &login.phone, own_devices, &to_own).await?;
     let mut mismatched = Vec::new();
     // A resend goes to the one device that asked for it: it must exist, nothing more.
     let partial = retry.is_some();
@@ -153,6 +161,31 @@ pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::
             duplicate: true,
         })),
     }
+}
+
+/// `wanted` without the devices that are not on `phone`'s signed device list. The list is only read
+/// when the sender left out a device of `wanted`, so the usual send costs nothing more.
+async fn listed_only(
+    store: &dyn Store,
+    phone: &PhoneNumber,
+    wanted: BTreeSet<DeviceId>,
+    got: &BTreeSet<DeviceId>,
+) -> Result<BTreeSet<DeviceId>, Error> {
+    if wanted.is_subset(got) {
+        return Ok(wanted);
+    }
+    let Some(account) = store.get_account(phone).await.map_err(store_error)? else {
+        return Ok(wanted);
+    };
+    let listed: BTreeSet<u32> = SignedDeviceList::decode(account.device_list.as_slice())
+        .ok()
+        .and_then(|l| DeviceListContent::decode(l.content.as_slice()).ok())
+        .map(|c| c.devices.iter().map(|d| d.device_id).collect())
+        .ok_or_else(|| store_error(StoreError::Corrupt("device list".into())))?;
+    Ok(wanted
+        .into_iter()
+        .filter(|d| listed.contains(&d.get()))
+        .collect())
 }
 
 fn check_device_message(m: &DeviceMessage) -> Result<(PhoneNumber, DeviceId), Error> {

@@ -314,16 +314,29 @@ impl Conn {
     }
 
     async fn read_ready(&mut self) -> Result<(), ConnError> {
+        while self.read_available()? {
+            self.last_activity = Instant::now();
+            self.drain_buffered().await?;
+        }
+        Ok(())
+    }
+
+    /// Moves what the socket has into the record reader through a scratch buffer on the stack (not in
+    /// the connection's future), so an idle connection keeps no read buffer. False if nothing was there.
+    fn read_available(&mut self) -> Result<bool, ConnError> {
+        let mut scratch = [0u8; 16 * 1024];
+        let mut got = false;
         loop {
-            let buf = self.reader.buffer_mut();
-            buf.reserve(16 * 1024);
-            match self.stream.try_read_buf(buf) {
+            match self.stream.try_read(&mut scratch) {
                 Ok(0) => return Err(ConnError::Closed),
-                Ok(_) => {
-                    self.last_activity = Instant::now();
-                    self.drain_buffered().await?;
+                Ok(n) => {
+                    self.reader.push(&scratch[..n]);
+                    got = true;
+                    if n < scratch.len() {
+                        return Ok(true);
+                    }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(got),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -389,7 +402,7 @@ impl Conn {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let resp = handlers::handle(&ctx, req).await;
-            shared.send(ConnEvent::Response(resp));
+            shared.send(ConnEvent::Response(Box::new(resp)));
         });
         Ok(())
     }
@@ -436,9 +449,9 @@ impl Conn {
             }
             ConnEvent::Response(resp) => {
                 self.requests = self.requests.saturating_sub(1);
-                self.pending.push(Frame::new(frame::Body::Response(resp)));
+                self.pending.push(Frame::new(frame::Body::Response(*resp)));
             }
-            ConnEvent::Push(p) => self.pending.push(Frame::new(frame::Body::Push(p))),
+            ConnEvent::Push(p) => self.pending.push(Frame::new(frame::Body::Push(*p))),
             ConnEvent::Kick(reason) => {
                 self.pending
                     .push(push_frame(push::Body::DeviceRemoved(DeviceRemoved {
