@@ -224,7 +224,12 @@ impl Client {
         }
         let conn = self.connection(Duration::from_secs(10)).await?;
         let _crypto = self.inner.crypto.lock().await;
-        let mut device = device;
+        // The connection may have topped up our prekeys already (the server asks a device that has none
+        // as it logs in): continue from the saved account, never from the copy made before connecting,
+        // whose one-time key ids would repeat the published ones (the server keeps the first key of an
+        // id, and every message built on it would be undecryptable).
+        let identity = self.registered_identity().await?;
+        let mut device = self.device_keys(&identity)?;
         self.upload_keys(&conn, &mut device, ONE_TIME_KEYS_TARGET, true)
             .await?;
         drop(_crypto);

@@ -130,6 +130,8 @@ impl Client {
         // Devices still on a signed list that the server says are gone (a companion that removed itself
         // before the primary re-signed): the server would not deliver to them, so they are skipped.
         let mut gone: HashSet<(PhoneNumber, u32)> = HashSet::new();
+        // A device the server demanded in the last round that no verified list holds.
+        let mut unsigned: Option<(PhoneNumber, u32)> = None;
         for _ in 0..MAX_DEVICE_REFRESHES {
             let targets = match self.targets(entry, &me, &gone).await {
                 Ok(t) => t,
@@ -145,7 +147,10 @@ impl Client {
                     // keys yet: refresh the list, and if the device is still on it, wait for it.
                     let phone = PhoneNumber::from_e164(&peer)
                         .map_err(|e| ClientError::InvalidInput(e.to_string()))?;
-                    let fresh_list = self.peer_devices(&phone, true).await?;
+                    let fresh_list = match self.peer_devices(&phone, true).await {
+                        Ok(f) => f,
+                        Err(e) => return self.fail_if_permanent(entry, e).await,
+                    };
                     if fresh_list
                         .list
                         .device_ids()
@@ -181,13 +186,27 @@ impl Client {
                     message,
                     retry_after_ms,
                 }) => {
+                    unsigned = None;
                     for m in &mismatched {
                         if let Ok(phone) = PhoneNumber::from_e164(&m.phone) {
-                            let fresh = self.peer_devices(&phone, true).await?;
+                            // A list that does not verify (or rolls back) fails the message for good.
+                            let fresh = match self.peer_devices(&phone, true).await {
+                                Ok(f) => f,
+                                Err(e) => return self.fail_if_permanent(entry, e).await,
+                            };
+                            let listed = fresh.list.device_ids();
                             for id in &m.extra {
-                                if fresh.list.device_ids().iter().any(|d| d.get() == *id) {
+                                if listed.iter().any(|d| d.get() == *id) {
                                     gone.insert((phone.clone(), *id));
                                 }
+                            }
+                            // A device no signed list holds is never encrypted to.
+                            if let Some(id) = m
+                                .missing
+                                .iter()
+                                .find(|id| !listed.iter().any(|d| d.get() == **id))
+                            {
+                                unsigned = Some((phone.clone(), *id));
                             }
                         }
                     }
@@ -200,6 +219,18 @@ impl Client {
                 }
                 Err(e) => return self.fail_if_permanent(entry, e).await,
             }
+        }
+        if let Some((phone, id)) = unsigned {
+            // Still demanded after every refresh: the server insists on a device the account never
+            // signed, and this message cannot go out through it.
+            let e = ClientError::Untrusted {
+                peer: phone.to_string(),
+                reason: format!(
+                    "the server wants device {id} to receive the message, but no signed device list \
+                     of the account holds it; nothing was sent"
+                ),
+            };
+            return self.fail_if_permanent(entry, e).await;
         }
         Err(last_err.unwrap_or(ClientError::Disconnected))
     }
