@@ -223,3 +223,142 @@ where
     }
     panic!("timed out waiting for {what}");
 }
+
+/// A companion in its own temporary home, showing QR codes and waiting to be linked
+/// ([`Client::link_as_companion`] runs in a task; every QR code it shows arrives through
+/// [`PendingCompanion::next_qr`]).
+pub struct PendingCompanion {
+    /// The companion's client (not registered until the link completes).
+    pub client: Client,
+    qrs: tokio::sync::mpsc::UnboundedReceiver<(natter_proto::link::LinkQr, tokio::time::Instant)>,
+    task: tokio::task::JoinHandle<natter_client::Result<natter_client::WhoAmI>>,
+    home: TempDir,
+}
+
+impl std::fmt::Debug for PendingCompanion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingCompanion")
+            .field("home", &self.home.path())
+            .finish()
+    }
+}
+
+impl PendingCompanion {
+    /// Opens a new home on `server` and starts showing QR codes as `name`, for at most `timeout`.
+    pub async fn start(server: &TestServer, name: &str, timeout: Duration) -> PendingCompanion {
+        let home = tempfile::tempdir().expect("temp home");
+        let client = Client::open(home.path()).await.expect("open home");
+        client.set_server(&server.addr()).await.expect("server");
+        let (tx, qrs) = tokio::sync::mpsc::unbounded_channel();
+        let task = {
+            let client = client.clone();
+            let name = name.to_owned();
+            tokio::spawn(async move {
+                client
+                    .link_as_companion(&name, timeout, |qr| {
+                        let _ = tx.send((qr.clone(), tokio::time::Instant::now()));
+                    })
+                    .await
+            })
+        };
+        PendingCompanion {
+            client,
+            qrs,
+            task,
+            home,
+        }
+    }
+
+    /// The next QR code shown, with the moment it was shown; panics after 20 s.
+    pub async fn next_qr_at(&mut self) -> (natter_proto::link::LinkQr, tokio::time::Instant) {
+        tokio::time::timeout(Duration::from_secs(20), self.qrs.recv())
+            .await
+            .expect("a QR code within 20 s")
+            .expect("the companion stopped before showing a QR code")
+    }
+
+    /// The next QR code shown; panics after 20 s.
+    pub async fn next_qr(&mut self) -> natter_proto::link::LinkQr {
+        self.next_qr_at().await.0
+    }
+
+    /// Waits for the link to complete: the companion is then connected, with its prekeys uploaded.
+    pub async fn finish(self) -> natter_client::Result<TestClient> {
+        let PendingCompanion {
+            client, task, home, ..
+        } = self;
+        let me = task.await.expect("link task")?;
+        Ok(TestClient {
+            client,
+            phone: me.phone,
+            home,
+        })
+    }
+
+    /// Stops showing QR codes and closes the companion.
+    pub async fn abort(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        self.client.disconnect().await;
+    }
+}
+
+/// A device switched off: its home survives, no process runs.
+pub struct PoweredOff {
+    /// Its account.
+    pub phone: PhoneNumber,
+    home: TempDir,
+}
+
+impl std::fmt::Debug for PoweredOff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoweredOff")
+            .field("phone", &self.phone)
+            .finish()
+    }
+}
+
+impl PoweredOff {
+    /// Opens the home again (not connected).
+    pub async fn power_on(self) -> TestClient {
+        let client = Client::open(self.home.path()).await.expect("reopen home");
+        TestClient {
+            client,
+            phone: self.phone,
+            home: self.home,
+        }
+    }
+}
+
+impl TestClient {
+    /// Links a new companion named `name` to `primary` (which must be connected): the companion shows
+    /// its QR code, the primary scans it (`link_device`), both run at once. Returns the companion,
+    /// connected and with its prekeys uploaded.
+    pub async fn link_companion(
+        server: &TestServer,
+        primary: &TestClient,
+        name: &str,
+    ) -> TestClient {
+        let mut pending = PendingCompanion::start(server, name, Duration::from_secs(60)).await;
+        let qr = pending.next_qr().await;
+        let (linked, companion) = tokio::join!(primary.client.link_device(&qr), pending.finish());
+        let linked = linked.expect("the primary links the companion");
+        let companion = companion.expect("the companion is linked");
+        let me = companion.client.whoami().await.unwrap().unwrap();
+        assert_eq!(me.device_id.get(), linked.device_id);
+        assert_eq!(me.phone, primary.phone);
+        companion
+    }
+
+    /// Switches the device off: disconnects and closes the client, keeping its home.
+    pub async fn power_off(self) -> PoweredOff {
+        let TestClient {
+            client,
+            phone,
+            home,
+        } = self;
+        client.disconnect().await;
+        drop(client);
+        PoweredOff { phone, home }
+    }
+}
