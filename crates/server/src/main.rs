@@ -32,6 +32,9 @@ struct Args {
     /// Registration codes one number may receive per hour.
     #[arg(long, default_value_t = 5)]
     codes_per_number_per_hour: u32,
+    /// Companions of a phone that has not connected for this many days are logged out.
+    #[arg(long, default_value_t = 14)]
+    companion_logout_days: u64,
 }
 
 #[tokio::main]
@@ -51,6 +54,8 @@ async fn main() -> anyhow::Result<()> {
     config.registration.codes_per_ip_per_hour = args.codes_per_ip_per_hour;
     config.registration.verifies_per_ip_per_hour = args.verifies_per_ip_per_hour;
     config.registration.codes_per_number_per_hour = args.codes_per_number_per_hour;
+    config.companion_logout_after =
+        std::time::Duration::from_secs(args.companion_logout_days.max(1) * 24 * 3600);
     let server = Server::start(config)
         .await
         .with_context(|| format!("starting natterd in {}", args.data.display()))?;
