@@ -12,7 +12,7 @@ pub struct Content {
     #[prost(uint64, tag = "2")]
     pub sent_at_ms: u64,
     /// What it is.
-    #[prost(oneof = "content::Body", tags = "3, 4, 5")]
+    #[prost(oneof = "content::Body", tags = "3, 4, 5, 7")]
     pub body: Option<content::Body>,
     /// For copies sent to the sender's own other devices: the conversation (peer account) the message
     /// belongs to. Empty in copies for the peer.
@@ -35,6 +35,9 @@ pub mod content {
         /// "I could not decrypt your message, please encrypt it again."
         #[prost(message, tag = "5")]
         RetryRequest(super::RetryRequest),
+        /// A photo, video, voice note or file: a pointer to an encrypted blob and the key to it.
+        #[prost(message, tag = "7")]
+        Media(super::Media),
     }
 }
 
@@ -76,4 +79,192 @@ pub struct RetryRequest {
     /// 1 for the first retry, up to [`crate::limits::MAX_DECRYPT_RETRIES`].
     #[prost(uint32, tag = "2")]
     pub attempt: u32,
+}
+
+/// What kind of media a [`Media`] message carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum MediaKind {
+    /// Any file.
+    File = 0,
+    /// A photo.
+    Image = 1,
+    /// A video.
+    Video = 2,
+    /// A voice note (Opus in Ogg).
+    Voice = 3,
+}
+
+/// A media message: where the encrypted file is, the key to decrypt it and what to check it against.
+/// The server stores the blob but never sees this message, the key or the plaintext digest.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Media {
+    /// Photo, video, voice note or file.
+    #[prost(enumeration = "MediaKind", tag = "1")]
+    pub kind: i32,
+    /// The blob on the server (32 hex digits).
+    #[prost(string, tag = "2")]
+    pub blob_id: String,
+    /// The file's 32-byte media key (expanded with HKDF into encryption keys).
+    #[prost(bytes = "vec", tag = "3")]
+    pub key: Vec<u8>,
+    /// SHA-256 of the plaintext.
+    #[prost(bytes = "vec", tag = "4")]
+    pub plaintext_sha256: Vec<u8>,
+    /// SHA-256 of the blob (the ciphertext).
+    #[prost(bytes = "vec", tag = "5")]
+    pub ciphertext_sha256: Vec<u8>,
+    /// Plaintext size in bytes.
+    #[prost(uint64, tag = "6")]
+    pub size: u64,
+    /// Ciphertext (blob) size in bytes.
+    #[prost(uint64, tag = "7")]
+    pub ciphertext_size: u64,
+    /// MIME type, detected from the content.
+    #[prost(string, tag = "8")]
+    pub mime: String,
+    /// The file's name (no directories).
+    #[prost(string, tag = "9")]
+    pub name: String,
+    /// A caption, like a text message's body.
+    #[prost(string, tag = "10")]
+    pub caption: String,
+    /// A small preview image (JPEG or PNG), at most [`crate::limits::MAX_THUMBNAIL_BYTES`].
+    #[prost(bytes = "vec", tag = "11")]
+    pub thumbnail: Vec<u8>,
+    /// Duration of a voice note or video in milliseconds, 0 if unknown.
+    #[prost(uint32, tag = "12")]
+    pub duration_ms: u32,
+    /// Width in pixels of a photo or video, 0 if unknown.
+    #[prost(uint32, tag = "13")]
+    pub width: u32,
+    /// Height in pixels, 0 if unknown.
+    #[prost(uint32, tag = "14")]
+    pub height: u32,
+}
+
+/// Ciphertext size of a media file of `size` plaintext bytes: one tag per chunk, and an empty file is one
+/// (empty) chunk.
+pub fn media_ciphertext_size(size: u64) -> u64 {
+    use crate::limits::{MEDIA_CHUNK, MEDIA_CHUNK_TAG};
+    let chunks = size.div_ceil(MEDIA_CHUNK as u64).max(1);
+    size + chunks * MEDIA_CHUNK_TAG as u64
+}
+
+/// Longest MIME type accepted.
+pub const MAX_MIME_LEN: usize = 128;
+/// Longest file name accepted.
+pub const MAX_FILE_NAME_LEN: usize = 255;
+
+impl Media {
+    /// Checks every field a receiver relies on: sizes, key and digest lengths, the blob id's form, and
+    /// names that cannot escape a download directory.
+    pub fn validate(&self) -> Result<(), crate::ProtoError> {
+        use crate::ProtoError;
+        use crate::limits::{MAX_MEDIA_BYTES, MAX_TEXT_BYTES, MAX_THUMBNAIL_BYTES};
+        let invalid = |what| Err(ProtoError::Invalid { what });
+        let id_ok = self.blob_id.len() == 32
+            && self
+                .blob_id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !id_ok {
+            return invalid("blob id");
+        }
+        if self.key.len() != 32
+            || self.plaintext_sha256.len() != 32
+            || self.ciphertext_sha256.len() != 32
+        {
+            return invalid("media key or digest");
+        }
+        if self.size > MAX_MEDIA_BYTES {
+            return Err(ProtoError::LimitExceeded {
+                what: "media bytes",
+                len: usize::try_from(self.size).unwrap_or(usize::MAX),
+                max: usize::try_from(MAX_MEDIA_BYTES).unwrap_or(usize::MAX),
+            });
+        }
+        if self.ciphertext_size != media_ciphertext_size(self.size) {
+            return invalid("media ciphertext size");
+        }
+        MediaKind::try_from(self.kind).map_err(|_| ProtoError::Invalid { what: "media kind" })?;
+        let name_ok = self.name.len() <= MAX_FILE_NAME_LEN
+            && !self.name.contains(['/', '\\', '\0'])
+            && self.name != "."
+            && self.name != "..";
+        if !name_ok {
+            return invalid("file name");
+        }
+        if self.mime.len() > MAX_MIME_LEN || self.mime.chars().any(char::is_control) {
+            return invalid("mime type");
+        }
+        for (what, len, max) in [
+            ("caption bytes", self.caption.len(), MAX_TEXT_BYTES),
+            ("thumbnail bytes", self.thumbnail.len(), MAX_THUMBNAIL_BYTES),
+        ] {
+            if len > max {
+                return Err(ProtoError::LimitExceeded { what, len, max });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn media() -> Media {
+        Media {
+            kind: MediaKind::Image as i32,
+            blob_id: "0123456789abcdef0123456789abcdef".into(),
+            key: vec![1; 32],
+            plaintext_sha256: vec![2; 32],
+            ciphertext_sha256: vec![3; 32],
+            size: 100_000,
+            ciphertext_size: media_ciphertext_size(100_000),
+            mime: "image/png".into(),
+            name: "holiday.png".into(),
+            caption: "look!".into(),
+            thumbnail: vec![0; 100],
+            duration_ms: 0,
+            width: 640,
+            height: 480,
+        }
+    }
+
+    #[test]
+    fn ciphertext_sizes_count_a_tag_per_chunk() {
+        assert_eq!(media_ciphertext_size(0), 16);
+        assert_eq!(media_ciphertext_size(1), 17);
+        assert_eq!(media_ciphertext_size(65_536), 65_552);
+        assert_eq!(media_ciphertext_size(65_537), 65_537 + 32);
+    }
+
+    #[test]
+    fn media_fields_are_validated() {
+        assert!(media().validate().is_ok());
+        type Mutation = Box<dyn Fn(&mut Media)>;
+        let bad: Vec<Mutation> = vec![
+            Box::new(|m| m.blob_id = "XYZ".into()),
+            Box::new(|m| {
+                m.key.pop();
+            }),
+            Box::new(|m| m.ciphertext_size += 1),
+            Box::new(|m| m.name = "../etc/passwd".into()),
+            Box::new(|m| m.name = "..".into()),
+            Box::new(|m| m.mime = "a\nb".into()),
+            Box::new(|m| m.thumbnail = vec![0; crate::limits::MAX_THUMBNAIL_BYTES + 1]),
+            Box::new(|m| m.kind = 99),
+            Box::new(|m| {
+                m.size = crate::limits::MAX_MEDIA_BYTES + 1;
+                m.ciphertext_size = media_ciphertext_size(m.size);
+            }),
+        ];
+        for (i, f) in bad.iter().enumerate() {
+            let mut m = media();
+            f(&mut m);
+            assert!(m.validate().is_err(), "case {i} accepted");
+        }
+    }
 }

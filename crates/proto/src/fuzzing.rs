@@ -195,6 +195,7 @@ pub fn check_content(c: &Content) -> Result<(), ProtoError> {
                 });
             }
         }
+        Some(content::Body::Media(m)) => m.validate()?,
         None => return Err(ProtoError::Missing("content body")),
     }
     Ok(())

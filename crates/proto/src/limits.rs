@@ -70,3 +70,19 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How many times a receiver asks a sender to re-encrypt a message it could not decrypt.
 pub const MAX_DECRYPT_RETRIES: u32 = 5;
+
+/// Largest media file (plaintext), 2 GiB.
+pub const MAX_MEDIA_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+/// Plaintext bytes per encrypted media chunk; each chunk carries its own authentication tag.
+pub const MEDIA_CHUNK: usize = 64 * 1024;
+/// Authentication tag per media chunk.
+pub const MEDIA_CHUNK_TAG: usize = 16;
+/// Largest blob the server accepts: the largest file plus one tag per chunk.
+pub const MAX_BLOB_BYTES: u64 =
+    MAX_MEDIA_BYTES + MAX_MEDIA_BYTES.div_ceil(MEDIA_CHUNK as u64) * MEDIA_CHUNK_TAG as u64;
+/// Largest thumbnail carried inside a media message.
+pub const MAX_THUMBNAIL_BYTES: usize = 16 * 1024;
+/// How long an upload or download grant (token) is valid.
+pub const BLOB_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+/// How long a blob is kept after its upload or its last re-reference.
+pub const BLOB_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);

@@ -110,7 +110,7 @@ pub struct Request {
     /// The operation.
     #[prost(
         oneof = "request::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15"
     )]
     pub body: Option<request::Body>,
 }
@@ -156,6 +156,12 @@ pub mod request {
         /// The account's devices with their connection state.
         #[prost(message, tag = "13")]
         ListOwnDevices(super::ListOwnDevices),
+        /// Reserve a blob and get a grant to upload it (or to resume an upload).
+        #[prost(message, tag = "14")]
+        RequestUpload(super::RequestUpload),
+        /// Get a grant to download a blob; also keeps it for another retention period (forwarding).
+        #[prost(message, tag = "15")]
+        RequestDownload(super::RequestDownload),
     }
 }
 
@@ -169,7 +175,7 @@ pub struct Response {
     #[prost(message, optional, tag = "2")]
     pub error: Option<Error>,
     /// The result of a successful request.
-    #[prost(oneof = "response::Body", tags = "3, 4, 5, 6, 7, 8, 9, 10, 11, 12")]
+    #[prost(oneof = "response::Body", tags = "3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13")]
     pub body: Option<response::Body>,
 }
 
@@ -208,6 +214,9 @@ pub mod response {
         /// The account's devices.
         #[prost(message, tag = "12")]
         OwnDevices(super::OwnDevices),
+        /// Where and with which token to upload or download a blob.
+        #[prost(message, tag = "13")]
+        BlobGrant(super::BlobGrant),
     }
 }
 
@@ -274,6 +283,10 @@ pub enum ErrorCode {
     StaleDeviceList = 19,
     /// Only the primary device may do this.
     NotPrimary = 20,
+    /// The account's media quota is used up.
+    QuotaExceeded = 21,
+    /// The blob does not exist (never uploaded, or expired).
+    UnknownBlob = 22,
 }
 
 /// For one account, the devices a send missed and the devices it addressed that do not exist.
@@ -732,3 +745,49 @@ pub struct DeviceStatus {
 /// An empty success.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Done {}
+
+/// Reserves a blob of `size` bytes of ciphertext (a new one), or resumes the upload of `blob_id`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RequestUpload {
+    /// Ciphertext size, at most [`crate::limits::MAX_BLOB_BYTES`].
+    #[prost(uint64, tag = "1")]
+    pub size: u64,
+    /// Set to resume an upload this account started earlier.
+    #[prost(string, tag = "2")]
+    pub blob_id: String,
+}
+
+/// Asks for a download grant for a blob (any account that knows the id may download the ciphertext;
+/// only those holding the key in the end-to-end message can read it).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RequestDownload {
+    /// The blob.
+    #[prost(string, tag = "1")]
+    pub blob_id: String,
+}
+
+/// Where to transfer a blob over HTTP, and the short-lived token that allows it for this account only.
+/// Upload: `PUT {url}?offset=N` with the bytes from N on, `HEAD {url}` for the offset reached so far.
+/// Download: `GET {url}` with an optional `Range: bytes=N-`. Every request carries
+/// `Authorization: Natter {token}` and `X-Natter-Account: {phone}`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BlobGrant {
+    /// The blob (32 hex digits).
+    #[prost(string, tag = "1")]
+    pub blob_id: String,
+    /// `http://host:port/v1/blobs/{blob_id}`.
+    #[prost(string, tag = "2")]
+    pub url: String,
+    /// The token.
+    #[prost(string, tag = "3")]
+    pub token: String,
+    /// Seconds until the token expires.
+    #[prost(uint32, tag = "4")]
+    pub expires_in_s: u32,
+    /// The blob's size in bytes.
+    #[prost(uint64, tag = "5")]
+    pub size: u64,
+    /// Bytes already uploaded (for a resumed upload) or available (for a download).
+    #[prost(uint64, tag = "6")]
+    pub offset: u64,
+}

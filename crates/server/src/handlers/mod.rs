@@ -106,6 +106,12 @@ pub async fn handle(ctx: &RequestCtx, req: Request) -> Response {
         Some(request::Body::PublishDeviceList(r)) => devices::publish_device_list(ctx, r).await,
         Some(request::Body::RemoveSelf(r)) => devices::remove_self(ctx, r).await,
         Some(request::Body::ListOwnDevices(r)) => devices::list_own_devices(ctx, r).await,
+        Some(request::Body::RequestUpload(_)) | Some(request::Body::RequestDownload(_)) => {
+            Err(Error::new(
+                ErrorCode::UnsupportedFeature,
+                "media transfers are not enabled on this server",
+            ))
+        }
         None => Err(bad_request("unknown request")),
     };
     match result {
