@@ -912,6 +912,38 @@ impl Client {
                         .push((sender.clone(), device, original, r.attempt));
                 }
             }
+            Some(content::content::Body::Media(m)) => {
+                // Until this client handles media, the user sees that something arrived.
+                let chat = if from_me {
+                    match PhoneNumber::from_e164(&content.conversation) {
+                        Ok(c) => c,
+                        Err(_) => return Ok(()),
+                    }
+                } else {
+                    sender.clone()
+                };
+                if self.inner.store.message(&chat, &logical).await?.is_some() {
+                    return Ok(());
+                }
+                let record = MessageRecord {
+                    chat,
+                    id: logical,
+                    from_me,
+                    sender_device: device,
+                    kind: MessageKind::Notice,
+                    text: format!(
+                        "a media message ({}, {} bytes) arrived; this version cannot show it",
+                        m.name, m.size
+                    ),
+                    sent_at_ms: content.sent_at_ms,
+                    server_ts_ms: env.server_ts_ms,
+                    status: MessageStatus::Received,
+                    shown: false,
+                    seq: 0,
+                };
+                out.events.push(Event::Message(record.clone()));
+                changes.messages.push(record);
+            }
             None => tracing::debug!("content without a body"),
         }
         Ok(())
