@@ -1,6 +1,6 @@
 //! Natter's end-to-end cryptography: the account identity key ([`account`]), each device's Olm account
 //! and prekeys ([`device`]), Olm sessions ([`session`]), the signed device list ([`device_list`]),
-//! safety numbers ([`safety`]), sealing for companion linking ([`link`]) and encryption at rest for the
+//! safety numbers ([`safety`]), media file encryption ([`media`]), sealing for companion linking ([`link`]) and encryption at rest for the
 //! client store ([`store_cipher`]).
 //!
 //! Olm and Ed25519 come from vodozemac; symmetric encryption from RustCrypto. Keys cross this crate's
@@ -11,6 +11,7 @@ pub mod device;
 pub mod device_list;
 pub mod error;
 pub mod link;
+pub mod media;
 pub mod safety;
 pub mod session;
 pub mod store_cipher;
