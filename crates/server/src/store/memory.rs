@@ -22,8 +22,9 @@ use async_trait::async_trait;
 use natter_proto::{DeviceId, MessageId, PhoneNumber};
 
 use super::{
-    AccountRecord, ClaimedPreKey, CodeRecord, DeviceListUpdate, DeviceRecord, EnqueueOutcome,
-    NewAccount, NewMessage, PreKeyRecord, QueuedEnvelope, Store, StoreError, StoreResult,
+    AccountRecord, BlobRecord, ClaimedPreKey, CodeRecord, DeviceListUpdate, DeviceRecord,
+    EnqueueOutcome, NewAccount, NewMessage, PreKeyRecord, QueuedEnvelope, Store, StoreError,
+    StoreResult,
 };
 
 /// A `u64` too large for the store (stored values must fit an SQL integer, i.e. `i64`).
@@ -61,6 +62,8 @@ struct Inner {
     message_ids: HashMap<(PhoneNumber, DeviceId, MessageId), Accepted>,
     /// The last queue id handed out (ids start at 1 and are never reused).
     last_seq: u64,
+    /// Media blob records by id.
+    blobs: HashMap<String, BlobRecord>,
 }
 
 #[derive(Debug)]
@@ -441,5 +444,86 @@ impl Store for MemoryStore {
         }
         inner.message_ids.retain(|_, a| a.expires_at_ms > now_ms);
         Ok(removed)
+    }
+
+    async fn create_blob(
+        &self,
+        blob: &BlobRecord,
+        quota_bytes: u64,
+        now_ms: u64,
+    ) -> StoreResult<bool> {
+        checked_i64("size", blob.size)?;
+        checked_i64("offset", blob.offset)?;
+        checked_i64("created_at_ms", blob.created_at_ms)?;
+        checked_i64("expires_at_ms", blob.expires_at_ms)?;
+        let mut inner = self.lock()?;
+        if inner.blobs.contains_key(&blob.id) {
+            return Err(StoreError::Conflict);
+        }
+        let used: u64 = inner
+            .blobs
+            .values()
+            .filter(|b| b.owner == blob.owner && b.expires_at_ms > now_ms)
+            .map(|b| b.size)
+            .sum();
+        if used.saturating_add(blob.size) > quota_bytes {
+            return Ok(false);
+        }
+        inner.blobs.insert(blob.id.clone(), blob.clone());
+        Ok(true)
+    }
+
+    async fn get_blob(&self, id: &str) -> StoreResult<Option<BlobRecord>> {
+        Ok(self.lock()?.blobs.get(id).cloned())
+    }
+
+    async fn set_blob_offset(&self, id: &str, offset: u64) -> StoreResult<()> {
+        checked_i64("offset", offset)?;
+        let mut inner = self.lock()?;
+        let blob = inner.blobs.get_mut(id).ok_or(StoreError::NoSuchBlob)?;
+        blob.offset = offset;
+        Ok(())
+    }
+
+    async fn complete_blob(&self, id: &str) -> StoreResult<()> {
+        let mut inner = self.lock()?;
+        let blob = inner.blobs.get_mut(id).ok_or(StoreError::NoSuchBlob)?;
+        blob.offset = blob.size;
+        blob.complete = true;
+        Ok(())
+    }
+
+    async fn extend_blob(&self, id: &str, expires_at_ms: u64) -> StoreResult<()> {
+        checked_i64("expires_at_ms", expires_at_ms)?;
+        let mut inner = self.lock()?;
+        let blob = inner.blobs.get_mut(id).ok_or(StoreError::NoSuchBlob)?;
+        blob.expires_at_ms = blob.expires_at_ms.max(expires_at_ms);
+        Ok(())
+    }
+
+    async fn blob_usage(&self, owner: &PhoneNumber, now_ms: u64) -> StoreResult<u64> {
+        Ok(self
+            .lock()?
+            .blobs
+            .values()
+            .filter(|b| &b.owner == owner && b.expires_at_ms > now_ms)
+            .map(|b| b.size)
+            .sum())
+    }
+
+    async fn delete_expired_blobs(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<String>> {
+        let mut inner = self.lock()?;
+        let mut gone: Vec<String> = inner
+            .blobs
+            .values()
+            .filter(|b| b.expires_at_ms <= now_ms)
+            .map(|b| b.id.clone())
+            .collect();
+        gone.sort();
+        gone.truncate(limit);
+        for id in &gone {
+            inner.blobs.remove(id);
+        }
+        Ok(gone)
     }
 }

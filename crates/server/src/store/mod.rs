@@ -24,6 +24,9 @@ pub enum StoreError {
     /// A conditional write lost: the stored device list is already at this version or newer.
     #[error("the stored device list is newer")]
     Conflict,
+    /// The blob does not exist (never created, or expired and deleted).
+    #[error("no such blob")]
+    NoSuchBlob,
     /// A stored row does not decode; the database was altered outside natterd.
     #[error("corrupt record: {0}")]
     Corrupt(String),
@@ -202,6 +205,26 @@ pub struct NewAccount {
     pub primary: DeviceRecord,
 }
 
+/// A media blob's record: the ciphertext itself lives in the blob store (or, while it is uploaded, in a
+/// staging file); the server never learns its key or plaintext digest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobRecord {
+    /// 32 lowercase hex digits (16 random bytes).
+    pub id: String,
+    /// The account that uploads it.
+    pub owner: PhoneNumber,
+    /// Declared size in bytes.
+    pub size: u64,
+    /// Bytes received so far (`size` once complete).
+    pub offset: u64,
+    /// True once every byte is in the blob store.
+    pub complete: bool,
+    /// When it was created (ms since epoch).
+    pub created_at_ms: u64,
+    /// When it is deleted unless re-referenced (ms since epoch).
+    pub expires_at_ms: u64,
+}
+
 /// Everything natterd keeps durably. Implementations must make every `&self` method safe to call from many
 /// tasks at once, and must not return from a write before it is durable: a message is acknowledged to its
 /// sender as soon as [`Store::enqueue`] returns.
@@ -305,4 +328,29 @@ pub trait Store: Send + Sync + 'static {
     async fn ack(&self, phone: &PhoneNumber, device_id: DeviceId, seqs: &[u64]) -> StoreResult<()>;
     /// Deletes envelopes and idempotency records past their expiry; returns how many envelopes went.
     async fn expire(&self, now_ms: u64) -> StoreResult<u64>;
+
+    // ---- media blobs ----
+
+    /// Creates a blob record unless the owner's unexpired blobs (`expires_at_ms > now_ms`) plus this one
+    /// would exceed `quota_bytes`; returns false (and stores nothing) in that case. An id already in use
+    /// is a [`StoreError::Conflict`].
+    async fn create_blob(
+        &self,
+        blob: &BlobRecord,
+        quota_bytes: u64,
+        now_ms: u64,
+    ) -> StoreResult<bool>;
+    /// A blob record.
+    async fn get_blob(&self, id: &str) -> StoreResult<Option<BlobRecord>>;
+    /// Records how many bytes of an incomplete blob were received ([`StoreError::NoSuchBlob`] if none).
+    async fn set_blob_offset(&self, id: &str, offset: u64) -> StoreResult<()>;
+    /// Marks a blob complete (its offset becomes its size).
+    async fn complete_blob(&self, id: &str) -> StoreResult<()>;
+    /// Moves a blob's expiry to `expires_at_ms` if that is later than the stored one.
+    async fn extend_blob(&self, id: &str, expires_at_ms: u64) -> StoreResult<()>;
+    /// Sum of the sizes of the account's unexpired blobs (`expires_at_ms > now_ms`).
+    async fn blob_usage(&self, owner: &PhoneNumber, now_ms: u64) -> StoreResult<u64>;
+    /// Deletes up to `limit` blob records with `expires_at_ms <= now_ms` and returns their ids, so the
+    /// caller can delete their bytes.
+    async fn delete_expired_blobs(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<String>>;
 }

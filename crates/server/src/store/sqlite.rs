@@ -25,9 +25,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::memory::checked_i64;
 use super::{
-    AccountRecord, ClaimedPreKey, CodeRecord, DeviceListUpdate, DeviceRecord, EnqueueOutcome,
-    NewAccount, NewMessage, PreKeyRecord, QueuedEnvelope, RetryInfo, Store, StoreError,
-    StoreResult,
+    AccountRecord, BlobRecord, ClaimedPreKey, CodeRecord, DeviceListUpdate, DeviceRecord,
+    EnqueueOutcome, NewAccount, NewMessage, PreKeyRecord, QueuedEnvelope, RetryInfo, Store,
+    StoreError, StoreResult,
 };
 
 /// Most write commands the writer runs in one transaction.
@@ -40,7 +40,10 @@ const QUEUE_DEPTH: usize = 4096;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The migrations, in order: (version, SQL). Each runs once, in its own transaction.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/001_initial.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/001_initial.sql")),
+    (2, include_str!("../../migrations/sqlite/002_blobs.sql")),
+];
 
 /// The SQLite store. Cloning is cheap and shares the pool and the writer; the writer task stops when the
 /// last clone is dropped.
@@ -340,6 +343,11 @@ enum Op {
     Enqueue(NewMessage),
     Ack(PhoneNumber, DeviceId, Vec<u64>),
     Expire(u64),
+    CreateBlob(BlobRecord, u64, u64),
+    SetBlobOffset(String, u64),
+    CompleteBlob(String),
+    ExtendBlob(String, u64),
+    DeleteExpiredBlobs(u64, usize),
 }
 
 /// A write command's result.
@@ -350,6 +358,8 @@ enum Done {
     Claimed(Option<ClaimedPreKey>),
     Enqueued(EnqueueOutcome),
     Expired(u64),
+    Created(bool),
+    Ids(Vec<String>),
 }
 
 /// The writer task: group commit until every sender is gone.
@@ -555,8 +565,145 @@ impl Op {
                     .map_err(db)?;
                 Ok(Done::Expired(gone))
             }
+            Op::CreateBlob(blob, quota, now_ms) => create_blob(conn, blob, *quota, *now_ms)
+                .await
+                .map(Done::Created),
+            Op::SetBlobOffset(id, offset) => {
+                let offset = checked_i64("offset", *offset)?;
+                blob_update(
+                    conn,
+                    "UPDATE blobs SET uploaded = ?2 WHERE id = ?1",
+                    id,
+                    offset,
+                )
+                .await
+            }
+            Op::CompleteBlob(id) => {
+                blob_update(
+                    conn,
+                    "UPDATE blobs SET uploaded = size, complete = 1 WHERE id = ?1 AND ?2 = ?2",
+                    id,
+                    0,
+                )
+                .await
+            }
+            Op::ExtendBlob(id, expires) => {
+                let expires = checked_i64("expires_at_ms", *expires)?;
+                blob_update(
+                    conn,
+                    "UPDATE blobs SET expires_at_ms = MAX(expires_at_ms, ?2) WHERE id = ?1",
+                    id,
+                    expires,
+                )
+                .await
+            }
+            Op::DeleteExpiredBlobs(now_ms, limit) => {
+                let now = i64::try_from(*now_ms).unwrap_or(i64::MAX);
+                let limit = i64::try_from(*limit).unwrap_or(i64::MAX);
+                let ids: Vec<String> = sqlx::query_scalar(
+                    "DELETE FROM blobs WHERE id IN (SELECT id FROM blobs WHERE expires_at_ms <= ?1 \
+                     ORDER BY id LIMIT ?2) RETURNING id",
+                )
+                .bind(now)
+                .bind(limit)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(db)?;
+                Ok(Done::Ids(ids))
+            }
         }
     }
+}
+
+/// Runs an update of one blob row (`?1` the id, `?2` the value); no row is [`StoreError::NoSuchBlob`].
+async fn blob_update(
+    conn: &mut SqliteConnection,
+    sql: &'static str,
+    id: &str,
+    value: i64,
+) -> StoreResult<Done> {
+    let res = sqlx::query(sql)
+        .bind(id)
+        .bind(value)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    if res.rows_affected() == 0 {
+        return Err(StoreError::NoSuchBlob);
+    }
+    Ok(Done::Unit)
+}
+
+async fn blob_usage(
+    conn: &mut SqliteConnection,
+    owner: &PhoneNumber,
+    now_ms: u64,
+) -> StoreResult<u64> {
+    let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+    let used: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE owner = ?1 AND expires_at_ms > ?2",
+    )
+    .bind(owner.as_str())
+    .bind(now)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db)?;
+    dec_u64("blob usage", used)
+}
+
+async fn create_blob(
+    conn: &mut SqliteConnection,
+    blob: &BlobRecord,
+    quota: u64,
+    now_ms: u64,
+) -> StoreResult<bool> {
+    let size = checked_i64("size", blob.size)?;
+    let offset = checked_i64("offset", blob.offset)?;
+    let created = checked_i64("created_at_ms", blob.created_at_ms)?;
+    let expires = checked_i64("expires_at_ms", blob.expires_at_ms)?;
+    let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM blobs WHERE id = ?1")
+        .bind(blob.id.as_str())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db)?;
+    if exists.is_some() {
+        return Err(StoreError::Conflict);
+    }
+    let used = blob_usage(conn, &blob.owner, now_ms).await?;
+    if used.saturating_add(blob.size) > quota {
+        return Ok(false);
+    }
+    sqlx::query(
+        "INSERT INTO blobs (id, owner, size, uploaded, complete, created_at_ms, expires_at_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .bind(blob.id.as_str())
+    .bind(blob.owner.as_str())
+    .bind(size)
+    .bind(offset)
+    .bind(i64::from(blob.complete))
+    .bind(created)
+    .bind(expires)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(true)
+}
+
+type BlobRow = (String, String, i64, i64, i64, i64, i64);
+
+fn blob_from_row(
+    (id, owner, size, uploaded, complete, created, expires): BlobRow,
+) -> StoreResult<BlobRecord> {
+    Ok(BlobRecord {
+        id,
+        owner: dec_phone(&owner)?,
+        size: dec_u64("size", size)?,
+        offset: dec_u64("uploaded", uploaded)?,
+        complete: complete != 0,
+        created_at_ms: dec_u64("created_at_ms", created)?,
+        expires_at_ms: dec_u64("expires_at_ms", expires)?,
+    })
 }
 
 async fn require_device(
@@ -1178,6 +1325,69 @@ impl Store for SqliteStore {
     async fn expire(&self, now_ms: u64) -> StoreResult<u64> {
         match self.write(Op::Expire(now_ms)).await? {
             Done::Expired(n) => Ok(n),
+            _ => mismatch(),
+        }
+    }
+
+    async fn create_blob(
+        &self,
+        blob: &BlobRecord,
+        quota_bytes: u64,
+        now_ms: u64,
+    ) -> StoreResult<bool> {
+        match self
+            .write(Op::CreateBlob(blob.clone(), quota_bytes, now_ms))
+            .await?
+        {
+            Done::Created(ok) => Ok(ok),
+            _ => mismatch(),
+        }
+    }
+
+    async fn get_blob(&self, id: &str) -> StoreResult<Option<BlobRecord>> {
+        let row: Option<BlobRow> = sqlx::query_as(
+            "SELECT id, owner, size, uploaded, complete, created_at_ms, expires_at_ms FROM blobs \
+             WHERE id = ?1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.map(blob_from_row).transpose()
+    }
+
+    async fn set_blob_offset(&self, id: &str, offset: u64) -> StoreResult<()> {
+        match self.write(Op::SetBlobOffset(id.to_owned(), offset)).await? {
+            Done::Unit => Ok(()),
+            _ => mismatch(),
+        }
+    }
+
+    async fn complete_blob(&self, id: &str) -> StoreResult<()> {
+        match self.write(Op::CompleteBlob(id.to_owned())).await? {
+            Done::Unit => Ok(()),
+            _ => mismatch(),
+        }
+    }
+
+    async fn extend_blob(&self, id: &str, expires_at_ms: u64) -> StoreResult<()> {
+        match self
+            .write(Op::ExtendBlob(id.to_owned(), expires_at_ms))
+            .await?
+        {
+            Done::Unit => Ok(()),
+            _ => mismatch(),
+        }
+    }
+
+    async fn blob_usage(&self, owner: &PhoneNumber, now_ms: u64) -> StoreResult<u64> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        blob_usage(&mut conn, owner, now_ms).await
+    }
+
+    async fn delete_expired_blobs(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<String>> {
+        match self.write(Op::DeleteExpiredBlobs(now_ms, limit)).await? {
+            Done::Ids(ids) => Ok(ids),
             _ => mismatch(),
         }
     }

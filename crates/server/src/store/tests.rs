@@ -9,7 +9,7 @@ use natter_proto::{DeviceId, MessageId, PhoneNumber};
 use super::memory::MemoryStore;
 use super::sqlite::SqliteStore;
 use super::{
-    AccountRecord, ClaimedPreKey, CodeRecord, DeviceRecord, EnqueueOutcome, NewAccount,
+    AccountRecord, BlobRecord, ClaimedPreKey, CodeRecord, DeviceRecord, EnqueueOutcome, NewAccount,
     NewEnvelope, NewMessage, PreKeyRecord, QueuedEnvelope, Store, StoreError,
 };
 
@@ -800,6 +800,110 @@ async fn out_of_range(s: &dyn Store) {
     assert_eq!(s.get_account(&phone(3)).await.unwrap(), None);
 }
 
+fn blob(id: u8, owner: &PhoneNumber, size: u64, expires_at_ms: u64) -> BlobRecord {
+    BlobRecord {
+        id: format!("{id:032x}"),
+        owner: owner.clone(),
+        size,
+        offset: 0,
+        complete: false,
+        created_at_ms: 1_000,
+        expires_at_ms,
+    }
+}
+
+async fn blobs(s: &dyn Store) {
+    let (a, b) = (phone(1), phone(2));
+    let one = blob(1, &a, 600, 10_000);
+    assert!(s.create_blob(&one, 1_000, 1_000).await.unwrap());
+    assert_eq!(s.get_blob(&one.id).await.unwrap(), Some(one.clone()));
+    assert!(matches!(
+        s.create_blob(&one, 1_000, 1_000).await,
+        Err(StoreError::Conflict)
+    ));
+    // Quota: 600 used, 401 more would exceed 1_000; 400 fits exactly.
+    assert!(
+        !s.create_blob(&blob(2, &a, 401, 10_000), 1_000, 1_000)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.get_blob(&blob(2, &a, 1, 1).id).await.unwrap(), None);
+    assert!(
+        s.create_blob(&blob(2, &a, 400, 20_000), 1_000, 1_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.create_blob(&blob(3, &b, 1_000, 10_000), 1_000, 1_000)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.blob_usage(&a, 1_000).await.unwrap(), 1_000);
+    assert_eq!(s.blob_usage(&b, 1_000).await.unwrap(), 1_000);
+    assert_eq!(s.blob_usage(&phone(9), 1_000).await.unwrap(), 0);
+    // Expired blobs no longer count (even before they are deleted).
+    assert_eq!(s.blob_usage(&a, 10_000).await.unwrap(), 400);
+    assert!(
+        s.create_blob(&blob(4, &a, 600, 30_000), 1_000, 10_000)
+            .await
+            .unwrap()
+    );
+
+    // Offsets and completion.
+    s.set_blob_offset(&one.id, 100).await.unwrap();
+    assert_eq!(s.get_blob(&one.id).await.unwrap().unwrap().offset, 100);
+    s.complete_blob(&one.id).await.unwrap();
+    let done = s.get_blob(&one.id).await.unwrap().unwrap();
+    assert!(done.complete);
+    assert_eq!(done.offset, 600);
+    let missing = format!("{:032x}", 99);
+    assert!(matches!(
+        s.set_blob_offset(&missing, 1).await,
+        Err(StoreError::NoSuchBlob)
+    ));
+    assert!(matches!(
+        s.complete_blob(&missing).await,
+        Err(StoreError::NoSuchBlob)
+    ));
+    assert!(matches!(
+        s.extend_blob(&missing, 1).await,
+        Err(StoreError::NoSuchBlob)
+    ));
+
+    // Extending never shortens.
+    s.extend_blob(&one.id, 15_000).await.unwrap();
+    assert_eq!(
+        s.get_blob(&one.id).await.unwrap().unwrap().expires_at_ms,
+        15_000
+    );
+    s.extend_blob(&one.id, 5_000).await.unwrap();
+    assert_eq!(
+        s.get_blob(&one.id).await.unwrap().unwrap().expires_at_ms,
+        15_000
+    );
+
+    // Expiry: `expires_at_ms <= now` goes, in pages of `limit`.
+    assert!(s.delete_expired_blobs(9_999, 10).await.unwrap().is_empty());
+    assert_eq!(
+        s.delete_expired_blobs(10_000, 10).await.unwrap(),
+        vec![blob(3, &b, 0, 0).id]
+    );
+    assert_eq!(s.get_blob(&blob(3, &b, 0, 0).id).await.unwrap(), None);
+    assert_eq!(s.delete_expired_blobs(20_000, 1).await.unwrap().len(), 1);
+    assert_eq!(s.delete_expired_blobs(20_000, 1).await.unwrap().len(), 1);
+    assert!(s.delete_expired_blobs(20_000, 1).await.unwrap().is_empty());
+    assert_eq!(s.get_blob(&one.id).await.unwrap(), None);
+    assert!(s.get_blob(&blob(4, &a, 0, 0).id).await.unwrap().is_some());
+
+    // Values outside the SQL integer range are refused.
+    let mut huge = blob(5, &a, 1, 1);
+    huge.expires_at_ms = u64::MAX;
+    assert!(matches!(
+        s.create_blob(&huge, u64::MAX, 0).await,
+        Err(StoreError::Backend(_))
+    ));
+}
+
 /// Generates one `#[tokio::test]` per suite function and backend: `memory_store::NAME` and
 /// `sqlite_store::NAME`.
 macro_rules! conformance {
@@ -838,6 +942,7 @@ conformance!(
     ack,
     expire,
     out_of_range,
+    blobs,
 );
 
 // ---- SQLite only ----
