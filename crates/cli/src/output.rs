@@ -54,6 +54,36 @@ fn kind_word(k: MessageKind) -> &'static str {
         MessageKind::Text => "text",
         MessageKind::Undecryptable => "undecryptable",
         MessageKind::Notice => "notice",
+        MessageKind::Media => "media",
+    }
+}
+
+fn media_kind_word(kind: i32) -> &'static str {
+    use natter_proto::content::MediaKind;
+    match MediaKind::try_from(kind) {
+        Ok(MediaKind::Image) => "image",
+        Ok(MediaKind::Video) => "video",
+        Ok(MediaKind::Voice) => "voice",
+        _ => "file",
+    }
+}
+
+/// A size for people: `1.2 MB`, `340 KB`, `12 B`.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KB", "MB", "GB", "TB"];
+    if bytes < 1000 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1000.0;
+    let mut unit = 0;
+    while v >= 1000.0 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if v < 10.0 {
+        format!("{v:.1} {}", UNITS[unit])
+    } else {
+        format!("{v:.0} {}", UNITS[unit])
     }
 }
 
@@ -100,7 +130,7 @@ impl Printer {
             (None, true) => serde_json::Value::Null,
             (_, false) => json!(m.chat.as_str()),
         };
-        json!({
+        let mut v = json!({
             "id": m.id.to_hex(),
             "chat": m.chat.as_str(),
             "from": from,
@@ -111,7 +141,24 @@ impl Printer {
             "ts": ts(m),
             "sent_at": m.sent_at_ms,
             "status": status_word(m.status),
-        })
+        });
+        if let (Some(media), Some(obj)) = (&m.media, v.as_object_mut()) {
+            use base64::Engine;
+            let media = &media.0;
+            obj.insert("kind".into(), json!(media_kind_word(media.kind)));
+            obj.insert("name".into(), json!(media.name));
+            obj.insert("size".into(), json!(media.size));
+            obj.insert("mime".into(), json!(media.mime));
+            obj.insert("caption".into(), json!(media.caption));
+            obj.insert(
+                "thumbnail".into(),
+                json!(base64::engine::general_purpose::STANDARD.encode(&media.thumbnail)),
+            );
+            obj.insert("duration_ms".into(), json!(media.duration_ms));
+            obj.insert("width".into(), json!(media.width));
+            obj.insert("height".into(), json!(media.height));
+        }
+        v
     }
 
     fn line(m: &MessageRecord) -> String {
@@ -127,6 +174,26 @@ impl Printer {
                 format_time(ts(m))
             ),
             MessageKind::Notice => format!("[{}] ⚠ {}", format_time(ts(m)), m.text),
+            MessageKind::Media => {
+                let (name, size, caption) = match &m.media {
+                    Some(media) => (
+                        media.0.name.as_str(),
+                        media.0.size,
+                        media.0.caption.as_str(),
+                    ),
+                    None => ("?", 0, ""),
+                };
+                let caption = if caption.is_empty() {
+                    String::new()
+                } else {
+                    format!(" \"{caption}\"")
+                };
+                format!(
+                    "[{}] {who}: 📎 {name} ({}){caption}",
+                    format_time(ts(m)),
+                    human_size(size)
+                )
+            }
         }
     }
 

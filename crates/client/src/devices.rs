@@ -119,6 +119,7 @@ impl Client {
                 status: MessageStatus::Received,
                 shown: false,
                 seq: 0,
+                media: None,
             };
             changes.messages.push(record.clone());
             notice = Some(record);

@@ -93,6 +93,7 @@ impl Client {
             status: MessageStatus::Pending,
             shown: true,
             seq: 0,
+            media: None,
         };
         let entry = outbox_entry(id, id, peer.clone(), &content, now);
         let mut changes = Changes::default();
@@ -743,6 +744,7 @@ impl Client {
                         status: MessageStatus::Received,
                         shown: false,
                         seq: 0,
+                        media: None,
                     };
                     if store.message(&sender, &original).await?.is_none() {
                         out.events.push(Event::Message(record.clone()));
@@ -868,6 +870,7 @@ impl Client {
                     },
                     shown: false,
                     seq: 0,
+                    media: None,
                 };
                 if !from_me {
                     out.delivered.push((chat, logical));
@@ -940,6 +943,7 @@ impl Client {
                     status: MessageStatus::Received,
                     shown: false,
                     seq: 0,
+                    media: None,
                 };
                 out.events.push(Event::Message(record.clone()));
                 changes.messages.push(record);

@@ -6,7 +6,7 @@
 //! - [`Changes`] is applied in the order of its fields, except that `sessions_removed` comes before
 //!   `sessions` (so a session made in the same step as the removal, with the new keys, is kept):
 //!   identity, settings, sessions_removed, sessions, peers, messages, statuses, shown, outbox,
-//!   outbox_sent, processed, failures, failures_cleared; each list in order. So a message inserted and
+//!   outbox_sent, processed, failures, failures_cleared, uploads, uploads_done; each list in order. So a message inserted and
 //!   updated by the same `Changes` gets the update, a failure inserted and cleared is gone, an outbox
 //!   entry inserted and marked sent is sent; of two entries with the same key the last wins (except
 //!   messages: the first insert wins, like any later one).
@@ -31,7 +31,7 @@ use natter_proto::{DeviceId, MessageId, PhoneNumber};
 
 use super::{
     Changes, ClientStore, FailureRecord, IdentityRecord, MessageRecord, MessageStatus,
-    OutboxRecord, OutboxState, PeerRecord, SessionRecord, StoreError, StoreResult,
+    OutboxRecord, OutboxState, PeerRecord, SessionRecord, StoreError, StoreResult, UploadRecord,
 };
 
 /// A `u64` too large for the store (stored values must fit an SQL integer, i.e. `i64`).
@@ -92,6 +92,11 @@ pub(super) fn check_ranges(changes: &Changes) -> StoreResult<()> {
     for f in &changes.failures {
         checked_i64("server_ts_ms", f.server_ts_ms)?;
     }
+    for u in &changes.uploads {
+        checked_i64("size", u.size)?;
+        checked_i64("mtime_ms", u.mtime_ms)?;
+        checked_i64("created_ms", u.created_ms)?;
+    }
     Ok(())
 }
 
@@ -125,6 +130,7 @@ struct Inner {
     last_outbox: u64,
     processed: HashSet<(PhoneNumber, MessageId)>,
     failures: HashMap<(PhoneNumber, MessageId), FailureRecord>,
+    uploads: HashMap<(PhoneNumber, String), UploadRecord>,
 }
 
 impl MemoryStore {
@@ -163,6 +169,8 @@ impl Inner {
             processed,
             failures,
             failures_cleared,
+            uploads,
+            uploads_done,
         } = changes;
 
         if wipe {
@@ -242,6 +250,12 @@ impl Inner {
         }
         for key in failures_cleared {
             self.failures.remove(&key);
+        }
+        for u in uploads {
+            self.uploads.insert((u.peer.clone(), u.path.clone()), u);
+        }
+        for key in uploads_done {
+            self.uploads.remove(&key);
         }
     }
 }
@@ -351,6 +365,14 @@ impl ClientStore for MemoryStore {
             .lock()?
             .failures
             .get(&(sender.clone(), *original_id))
+            .cloned())
+    }
+
+    async fn upload(&self, peer: &PhoneNumber, path: &str) -> StoreResult<Option<UploadRecord>> {
+        Ok(self
+            .lock()?
+            .uploads
+            .get(&(peer.clone(), path.to_owned()))
             .cloned())
     }
 }

@@ -89,6 +89,41 @@ pub enum MessageKind {
     Undecryptable,
     /// A notice from the client itself (e.g. "the safety number changed").
     Notice,
+    /// A photo, video, voice note or file ([`MessageRecord::media`] says which).
+    Media,
+}
+
+/// A media message's details as stored: the [`natter_proto::content::Media`] content, except that its
+/// `key` field holds the media key encrypted with the client's [`natter_crypto::StoreCipher`] (see
+/// `Client::media_key`), never the key itself.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MediaRecord(pub Box<natter_proto::content::Media>);
+
+// `Media` holds no floating-point values, so its equality is an equivalence.
+impl Eq for MediaRecord {}
+
+/// An upload in progress, kept so that an interrupted `send_file` of the same file to the same peer
+/// resumes where the server's copy ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UploadRecord {
+    /// The conversation.
+    pub peer: PhoneNumber,
+    /// The file's absolute path.
+    pub path: String,
+    /// Its size in bytes when the upload started.
+    pub size: u64,
+    /// Its modification time (ms since epoch) when the upload started.
+    pub mtime_ms: u64,
+    /// The blob reserved on the server.
+    pub blob_id: String,
+    /// The media key, encrypted with the store cipher.
+    pub sealed_key: Vec<u8>,
+    /// The media kind (`natter_proto::content::MediaKind` as i32).
+    pub kind: i32,
+    /// The caption to send with it.
+    pub caption: String,
+    /// When the upload started (ms since epoch).
+    pub created_ms: u64,
 }
 
 /// Delivery state of a message. Only moves forward (except to `Failed`).
@@ -134,6 +169,8 @@ pub struct MessageRecord {
     pub shown: bool,
     /// Insertion order, assigned by the store (ignored on insert).
     pub seq: i64,
+    /// For [`MessageKind::Media`]: the media's details.
+    pub media: Option<MediaRecord>,
 }
 
 /// Whether an outbox entry still has to be sent.
@@ -228,6 +265,10 @@ pub struct Changes {
     pub failures: Vec<FailureRecord>,
     /// Removes decryption failures (sender, original id).
     pub failures_cleared: Vec<(PhoneNumber, MessageId)>,
+    /// Inserts or replaces uploads in progress (by peer and path).
+    pub uploads: Vec<UploadRecord>,
+    /// Removes uploads in progress (peer, path).
+    pub uploads_done: Vec<(PhoneNumber, String)>,
 }
 
 impl Changes {
@@ -281,4 +322,6 @@ pub trait ClientStore: Send + Sync + 'static {
         sender: &PhoneNumber,
         original_id: &MessageId,
     ) -> StoreResult<Option<FailureRecord>>;
+    /// The upload in progress of a file to a peer.
+    async fn upload(&self, peer: &PhoneNumber, path: &str) -> StoreResult<Option<UploadRecord>>;
 }

@@ -22,8 +22,9 @@ use sqlx::{Connection, Executor};
 
 use super::memory::{checked_i64, status_advances};
 use super::{
-    Changes, ClientStore, FailureRecord, IdentityRecord, MessageKind, MessageRecord, MessageStatus,
-    OutboxRecord, OutboxState, PeerRecord, SessionRecord, StatusUpdate, StoreError, StoreResult,
+    Changes, ClientStore, FailureRecord, IdentityRecord, MediaRecord, MessageKind, MessageRecord,
+    MessageStatus, OutboxRecord, OutboxState, PeerRecord, SessionRecord, StatusUpdate, StoreError,
+    StoreResult, UploadRecord,
 };
 
 /// Connections in the pool (reads and the one write at a time).
@@ -32,7 +33,10 @@ pub const POOL_SIZE: u32 = 3;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The migrations, in order: (version, SQL). Each runs once, in its own transaction.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/001_initial.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/001_initial.sql")),
+    (2, include_str!("../../migrations/002_media.sql")),
+];
 
 /// The SQLite store. Cloning is cheap and shares the pool.
 #[derive(Debug, Clone)]
@@ -82,6 +86,7 @@ fn kind_str(kind: MessageKind) -> &'static str {
         MessageKind::Text => "text",
         MessageKind::Undecryptable => "undecryptable",
         MessageKind::Notice => "notice",
+        MessageKind::Media => "media",
     }
 }
 
@@ -151,6 +156,7 @@ fn dec_kind(s: &str) -> StoreResult<MessageKind> {
         "text" => MessageKind::Text,
         "undecryptable" => MessageKind::Undecryptable,
         "notice" => MessageKind::Notice,
+        "media" => MessageKind::Media,
         _ => return Err(corrupt("message kind", s)),
     })
 }
@@ -199,7 +205,9 @@ type MessageRow = (
     i64,
     String,
     i64,
+    Option<Vec<u8>>,
 );
+type UploadRow = (String, String, i64, i64, String, Vec<u8>, i64, String, i64);
 type OutboxRow = (
     Vec<u8>,
     Vec<u8>,
@@ -217,7 +225,8 @@ type FailureRow = (String, i64, Vec<u8>, i64, i64);
 /// The columns of a [`MessageRow`], as a literal for `concat!`.
 macro_rules! message_columns {
     () => {
-        "seq, chat, id, from_me, sender_device, kind, text, sent_at_ms, server_ts_ms, status, shown"
+        "seq, chat, id, from_me, sender_device, kind, text, sent_at_ms, server_ts_ms, status, shown, \
+         media"
     };
 }
 
@@ -268,8 +277,27 @@ fn peer_from_row(row: PeerRow) -> StoreResult<PeerRecord> {
 }
 
 fn message_from_row(row: MessageRow) -> StoreResult<MessageRecord> {
-    let (seq, chat, id, from_me, sender_device, kind, text, sent_at, server_ts, status, shown) =
-        row;
+    let (
+        seq,
+        chat,
+        id,
+        from_me,
+        sender_device,
+        kind,
+        text,
+        sent_at,
+        server_ts,
+        status,
+        shown,
+        media,
+    ) = row;
+    let media = media
+        .map(|bytes| {
+            <natter_proto::content::Media as prost::Message>::decode(bytes.as_slice())
+                .map(|m| MediaRecord(Box::new(m)))
+                .map_err(|e| corrupt("media", e))
+        })
+        .transpose()?;
     Ok(MessageRecord {
         chat: dec_phone(&chat)?,
         id: dec_id(&id)?,
@@ -282,6 +310,22 @@ fn message_from_row(row: MessageRow) -> StoreResult<MessageRecord> {
         status: dec_status(&status)?,
         shown: dec_bool("shown", shown)?,
         seq,
+        media,
+    })
+}
+
+fn upload_from_row(row: UploadRow) -> StoreResult<UploadRecord> {
+    let (peer, path, size, mtime, blob_id, sealed_key, kind, caption, created) = row;
+    Ok(UploadRecord {
+        peer: dec_phone(&peer)?,
+        path,
+        size: dec_u64("size", size)?,
+        mtime_ms: dec_u64("mtime_ms", mtime)?,
+        blob_id,
+        sealed_key,
+        kind: i32::try_from(kind).map_err(|_| corrupt("media kind", kind))?,
+        caption,
+        created_ms: dec_u64("created_ms", created)?,
     })
 }
 
@@ -471,6 +515,7 @@ async fn write_changes(conn: &mut SqliteConnection, changes: &Changes) -> StoreR
             "DELETE FROM outbox",
             "DELETE FROM processed",
             "DELETE FROM failures",
+            "DELETE FROM uploads",
         ] {
             sqlx::query(sql).execute(&mut *conn).await.map_err(db)?;
         }
@@ -537,7 +582,8 @@ async fn write_changes(conn: &mut SqliteConnection, changes: &Changes) -> StoreR
     for m in &changes.messages {
         sqlx::query(
             "INSERT INTO messages (chat, id, from_me, sender_device, kind, text, sent_at_ms, \
-             server_ts_ms, status, shown) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+             server_ts_ms, status, shown, media) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
              ON CONFLICT (chat, id) DO NOTHING",
         )
         .bind(m.chat.as_str())
@@ -550,6 +596,11 @@ async fn write_changes(conn: &mut SqliteConnection, changes: &Changes) -> StoreR
         .bind(checked_i64("server_ts_ms", m.server_ts_ms)?)
         .bind(status_str(m.status))
         .bind(flag(m.shown))
+        .bind(
+            m.media
+                .as_ref()
+                .map(|r| prost::Message::encode_to_vec(&r.0)),
+        )
         .execute(&mut *conn)
         .await
         .map_err(db)?;
@@ -607,6 +658,35 @@ async fn write_changes(conn: &mut SqliteConnection, changes: &Changes) -> StoreR
         sqlx::query("DELETE FROM failures WHERE sender = ?1 AND original_id = ?2")
             .bind(sender.as_str())
             .bind(id.as_bytes().as_slice())
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+    }
+    for u in &changes.uploads {
+        sqlx::query(
+            "INSERT INTO uploads (peer, path, size, mtime_ms, blob_id, sealed_key, kind, caption, \
+             created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (peer, path) DO \
+             UPDATE SET size = excluded.size, mtime_ms = excluded.mtime_ms, \
+             blob_id = excluded.blob_id, sealed_key = excluded.sealed_key, kind = excluded.kind, \
+             caption = excluded.caption, created_ms = excluded.created_ms",
+        )
+        .bind(u.peer.as_str())
+        .bind(u.path.as_str())
+        .bind(checked_i64("size", u.size)?)
+        .bind(checked_i64("mtime_ms", u.mtime_ms)?)
+        .bind(u.blob_id.as_str())
+        .bind(u.sealed_key.as_slice())
+        .bind(i64::from(u.kind))
+        .bind(u.caption.as_str())
+        .bind(checked_i64("created_ms", u.created_ms)?)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    }
+    for (peer, path) in &changes.uploads_done {
+        sqlx::query("DELETE FROM uploads WHERE peer = ?1 AND path = ?2")
+            .bind(peer.as_str())
+            .bind(path.as_str())
             .execute(&mut *conn)
             .await
             .map_err(db)?;
@@ -865,5 +945,18 @@ impl ClientStore for SqliteStore {
         .await
         .map_err(db)?;
         row.map(failure_from_row).transpose()
+    }
+
+    async fn upload(&self, peer: &PhoneNumber, path: &str) -> StoreResult<Option<UploadRecord>> {
+        let row: Option<UploadRow> = sqlx::query_as(
+            "SELECT peer, path, size, mtime_ms, blob_id, sealed_key, kind, caption, created_ms \
+             FROM uploads WHERE peer = ?1 AND path = ?2",
+        )
+        .bind(peer.as_str())
+        .bind(path)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.map(upload_from_row).transpose()
     }
 }

@@ -7,8 +7,9 @@ use natter_proto::{DeviceId, MessageId, PhoneNumber};
 use super::memory::MemoryStore;
 use super::sqlite::SqliteStore;
 use super::{
-    Changes, ClientStore, FailureRecord, IdentityRecord, MessageKind, MessageRecord, MessageStatus,
-    OutboxRecord, OutboxState, PeerRecord, SessionRecord, StatusUpdate, StoreError,
+    Changes, ClientStore, FailureRecord, IdentityRecord, MediaRecord, MessageKind, MessageRecord,
+    MessageStatus, OutboxRecord, OutboxState, PeerRecord, SessionRecord, StatusUpdate, StoreError,
+    UploadRecord,
 };
 
 // ---- fixtures ----
@@ -85,6 +86,7 @@ fn msg(chat: &PhoneNumber, id: MessageId, status: MessageStatus) -> MessageRecor
         status,
         shown: from_me,
         seq: 0,
+        media: None,
     }
 }
 
@@ -1036,6 +1038,8 @@ async fn atomic(s: &dyn ClientStore) {
             },
         ],
         failures_cleared: vec![(b.clone(), mid(1))],
+        uploads: Vec::new(),
+        uploads_done: Vec::new(),
     };
     let result = s.save_changes(bad.clone()).await;
     assert!(matches!(result, Err(StoreError::Backend(_))), "{result:?}");
@@ -1164,7 +1168,121 @@ macro_rules! conformance {
     };
 }
 
+fn media_msg(chat: &PhoneNumber, id: MessageId) -> MessageRecord {
+    MessageRecord {
+        kind: MessageKind::Media,
+        text: "look!".into(),
+        media: Some(MediaRecord(Box::new(natter_proto::content::Media {
+            kind: natter_proto::content::MediaKind::Image as i32,
+            blob_id: "0123456789abcdef0123456789abcdef".into(),
+            key: vec![7; 72],
+            plaintext_sha256: vec![1; 32],
+            ciphertext_sha256: vec![2; 32],
+            size: 10,
+            ciphertext_size: 26,
+            mime: "image/jpeg".into(),
+            name: "holiday.jpg".into(),
+            caption: "look!".into(),
+            thumbnail: vec![9; 100],
+            duration_ms: 0,
+            width: 640,
+            height: 480,
+        }))),
+        ..msg(chat, id, MessageStatus::Received)
+    }
+}
+
+fn upload(peer: &PhoneNumber, path: &str) -> UploadRecord {
+    UploadRecord {
+        peer: peer.clone(),
+        path: path.into(),
+        size: 1234,
+        mtime_ms: 5678,
+        blob_id: "0123456789abcdef0123456789abcdef".into(),
+        sealed_key: vec![3; 72],
+        kind: 1,
+        caption: "hi".into(),
+        created_ms: 9,
+    }
+}
+
+async fn media_messages(s: &dyn ClientStore) {
+    let a = phone(2);
+    let m = media_msg(&a, mid(1));
+    save(
+        s,
+        Changes {
+            messages: vec![m.clone()],
+            ..Changes::default()
+        },
+    )
+    .await;
+    let got = s.message(&a, &mid(1)).await.unwrap().unwrap();
+    assert_eq!(got, stored(&m, got.seq));
+    assert_eq!(s.history(&a).await.unwrap(), vec![got.clone()]);
+    assert_eq!(s.unshown().await.unwrap(), vec![got]);
+}
+
+async fn uploads(s: &dyn ClientStore) {
+    let (a, b) = (phone(2), phone(3));
+    assert_eq!(s.upload(&a, "/x").await.unwrap(), None);
+    save(
+        s,
+        Changes {
+            uploads: vec![upload(&a, "/x"), upload(&b, "/x")],
+            ..Changes::default()
+        },
+    )
+    .await;
+    assert_eq!(s.upload(&a, "/x").await.unwrap(), Some(upload(&a, "/x")));
+    let replaced = UploadRecord {
+        blob_id: "ffffffffffffffffffffffffffffffff".into(),
+        ..upload(&a, "/x")
+    };
+    save(
+        s,
+        Changes {
+            uploads: vec![replaced.clone()],
+            ..Changes::default()
+        },
+    )
+    .await;
+    assert_eq!(s.upload(&a, "/x").await.unwrap(), Some(replaced));
+    save(
+        s,
+        Changes {
+            uploads_done: vec![(a.clone(), "/x".into())],
+            ..Changes::default()
+        },
+    )
+    .await;
+    assert_eq!(s.upload(&a, "/x").await.unwrap(), None);
+    assert_eq!(s.upload(&b, "/x").await.unwrap(), Some(upload(&b, "/x")));
+    let too_big = UploadRecord {
+        size: u64::MAX,
+        ..upload(&a, "/y")
+    };
+    let result = s
+        .save_changes(Changes {
+            uploads: vec![too_big],
+            ..Changes::default()
+        })
+        .await;
+    assert!(matches!(result, Err(StoreError::Backend(_))), "{result:?}");
+    save(
+        s,
+        Changes {
+            wipe: true,
+            ..Changes::default()
+        },
+    )
+    .await;
+    assert_eq!(s.upload(&b, "/x").await.unwrap(), None);
+}
+
 conformance!(
+    media_messages,
+    uploads,
     empty,
     wipe,
     identity_round_trip,
@@ -1230,6 +1348,8 @@ fn full_changes() -> Changes {
         processed: vec![(b.clone(), mid(2))],
         failures: vec![failure(&b, mid(3), 2)],
         failures_cleared: Vec::new(),
+        uploads: vec![upload(&a, "/tmp/a.jpg")],
+        uploads_done: Vec::new(),
     }
 }
 
@@ -1255,6 +1375,7 @@ async fn sqlite_store_survives_reopen() {
             s.outbox_entry(&mid(2)).await.unwrap(),
             s.is_processed(&b, &mid(2)).await.unwrap(),
             s.failure(&b, &mid(3)).await.unwrap(),
+            s.upload(&a, "/tmp/a.jpg").await.unwrap(),
         )
     };
     let before = read(&s).await;
@@ -1289,7 +1410,7 @@ async fn sqlite_store_survives_reopen() {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(versions, vec![1]);
+    assert_eq!(versions, vec![1, 2]);
     let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
         .fetch_one(&mut conn)
         .await
