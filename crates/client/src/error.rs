@@ -83,6 +83,13 @@ pub enum ClientError {
     /// Input from the user is invalid.
     #[error("{0}")]
     InvalidInput(String),
+    /// A media upload or download over HTTP failed (network, server refusal); trying again resumes it.
+    #[error("media transfer failed: {0}")]
+    Transfer(String),
+    /// A downloaded media file failed its integrity check (altered, truncated or wrong key); the partial
+    /// file was deleted and nothing was saved.
+    #[error("the downloaded file failed its integrity check ({0}); nothing was saved")]
+    MediaCorrupt(String),
     /// The account was registered on another phone, or this device was unlinked.
     #[error("this device was removed: {0}")]
     DeviceRemoved(String),
@@ -105,6 +112,7 @@ impl ClientError {
                 | ClientError::Timeout
                 | ClientError::Unreachable { .. }
                 | ClientError::NoKeys { .. }
+                | ClientError::Transfer(_)
         ) || matches!(
             self.server_code(),
             Some(ErrorCode::Unavailable | ErrorCode::Internal)

@@ -6,6 +6,8 @@
 //! - [`net`]: the Noise connection to natterd (requests, pushes, acknowledgements, keep-alive).
 //! - [`devices`]: fetching and verifying signed device lists, trust on first use of account keys.
 //! - [`link`]: linking companions by QR code, listing and unlinking devices, safety numbers.
+//! - [`media`]: sending files (encrypted while uploading, resumable) and downloading them (verified,
+//!   resumable).
 //! - [`messaging`]: encrypting per device, the persisted outbox, processing envelopes, receipts and
 //!   decryption retries.
 //! - [`store`]: the [`store::ClientStore`] trait and its backends.
@@ -19,6 +21,7 @@ pub mod devices;
 pub mod error;
 pub mod events;
 pub mod link;
+pub mod media;
 pub mod messaging;
 pub mod net;
 pub mod store;
@@ -27,7 +30,8 @@ pub use client::{Client, WhoAmI};
 pub use error::{ClientError, Result};
 pub use events::Event;
 pub use link::{DeviceInfo, LinkedDevice};
-pub use store::{MessageKind, MessageRecord, MessageStatus};
+pub use media::Progress;
+pub use store::{MediaRecord, MessageKind, MessageRecord, MessageStatus};
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {

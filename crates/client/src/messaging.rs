@@ -30,7 +30,7 @@ use crate::store::{
 };
 
 /// How long a command waits for a connection before giving up.
-const CONNECTION_WAIT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECTION_WAIT: Duration = Duration::from_secs(10);
 /// Device-set refreshes per send before giving up.
 const MAX_DEVICE_REFRESHES: usize = 3;
 
@@ -122,7 +122,7 @@ impl Client {
 
     /// Encrypts one outbox entry for every device it goes to and sends it; returns the server's
     /// timestamp. Caller holds the sending lock.
-    async fn deliver(&self, entry: &OutboxRecord) -> Result<u64> {
+    pub(crate) async fn deliver(&self, entry: &OutboxRecord) -> Result<u64> {
         let me = self.registered_identity().await?;
         let content = Content::decode(entry.content.as_slice())
             .map_err(|e| ClientError::Store(crate::store::StoreError::Corrupt(e.to_string())))?;
@@ -916,7 +916,6 @@ impl Client {
                 }
             }
             Some(content::content::Body::Media(m)) => {
-                // Until this client handles media, the user sees that something arrived.
                 let chat = if from_me {
                     match PhoneNumber::from_e164(&content.conversation) {
                         Ok(c) => c,
@@ -925,26 +924,34 @@ impl Client {
                 } else {
                     sender.clone()
                 };
+                if let Err(e) = m.validate() {
+                    tracing::warn!(error = %e, "dropping an invalid media message");
+                    return Ok(());
+                }
                 if self.inner.store.message(&chat, &logical).await?.is_some() {
                     return Ok(());
                 }
                 let record = MessageRecord {
-                    chat,
+                    chat: chat.clone(),
                     id: logical,
                     from_me,
                     sender_device: device,
-                    kind: MessageKind::Notice,
-                    text: format!(
-                        "a media message ({}, {} bytes) arrived; this version cannot show it",
-                        m.name, m.size
-                    ),
+                    kind: MessageKind::Media,
+                    text: m.caption.clone(),
                     sent_at_ms: content.sent_at_ms,
                     server_ts_ms: env.server_ts_ms,
-                    status: MessageStatus::Received,
+                    status: if from_me {
+                        MessageStatus::Sent
+                    } else {
+                        MessageStatus::Received
+                    },
                     shown: false,
                     seq: 0,
-                    media: None,
+                    media: Some(self.seal_media(m)),
                 };
+                if !from_me {
+                    out.delivered.push((chat, logical));
+                }
                 out.events.push(Event::Message(record.clone()));
                 changes.messages.push(record);
             }
@@ -970,7 +977,7 @@ impl Client {
         let mut read: BTreeMap<PhoneNumber, Vec<MessageId>> = BTreeMap::new();
         for m in messages {
             changes.shown.push((m.chat.clone(), m.id));
-            if !m.from_me && m.kind == MessageKind::Text {
+            if !m.from_me && matches!(m.kind, MessageKind::Text | MessageKind::Media) {
                 read.entry(m.chat.clone()).or_default().push(m.id);
             }
         }
@@ -1007,7 +1014,7 @@ impl Client {
     }
 }
 
-fn outbox_entry(
+pub(crate) fn outbox_entry(
     transport_id: MessageId,
     logical_id: MessageId,
     peer: PhoneNumber,

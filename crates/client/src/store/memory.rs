@@ -368,6 +368,16 @@ impl ClientStore for MemoryStore {
             .cloned())
     }
 
+    async fn messages_with_id(&self, id: &MessageId) -> StoreResult<Vec<MessageRecord>> {
+        Ok(self
+            .lock()?
+            .messages
+            .values()
+            .filter(|m| m.id == *id)
+            .cloned()
+            .collect())
+    }
+
     async fn upload(&self, peer: &PhoneNumber, path: &str) -> StoreResult<Option<UploadRecord>> {
         Ok(self
             .lock()?

@@ -322,6 +322,8 @@ pub trait ClientStore: Send + Sync + 'static {
         sender: &PhoneNumber,
         original_id: &MessageId,
     ) -> StoreResult<Option<FailureRecord>>;
+    /// Every message with this id, in any conversation, by insertion order.
+    async fn messages_with_id(&self, id: &MessageId) -> StoreResult<Vec<MessageRecord>>;
     /// The upload in progress of a file to a peer.
     async fn upload(&self, peer: &PhoneNumber, path: &str) -> StoreResult<Option<UploadRecord>>;
 }

@@ -947,6 +947,19 @@ impl ClientStore for SqliteStore {
         row.map(failure_from_row).transpose()
     }
 
+    async fn messages_with_id(&self, id: &MessageId) -> StoreResult<Vec<MessageRecord>> {
+        let rows: Vec<MessageRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE id = ?1 ORDER BY seq"
+        ))
+        .bind(id.as_bytes().as_slice())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.into_iter().map(message_from_row).collect()
+    }
+
     async fn upload(&self, peer: &PhoneNumber, path: &str) -> StoreResult<Option<UploadRecord>> {
         let row: Option<UploadRow> = sqlx::query_as(
             "SELECT peer, path, size, mtime_ms, blob_id, sealed_key, kind, caption, created_ms \

@@ -1220,6 +1220,11 @@ async fn media_messages(s: &dyn ClientStore) {
     let got = s.message(&a, &mid(1)).await.unwrap().unwrap();
     assert_eq!(got, stored(&m, got.seq));
     assert_eq!(s.history(&a).await.unwrap(), vec![got.clone()]);
+    assert_eq!(
+        s.messages_with_id(&mid(1)).await.unwrap(),
+        vec![got.clone()]
+    );
+    assert!(s.messages_with_id(&mid(2)).await.unwrap().is_empty());
     assert_eq!(s.unshown().await.unwrap(), vec![got]);
 }
 
