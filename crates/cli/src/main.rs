@@ -60,6 +60,32 @@ enum Command {
         #[arg(required = true, num_args = 1..)]
         text: Vec<String>,
     },
+    /// Send a file (photo, video or any file; the kind comes from its content), end-to-end encrypted.
+    /// An interrupted upload resumes when the same file is sent to the same number again.
+    SendFile {
+        /// The recipient's number.
+        number: String,
+        /// The file.
+        path: PathBuf,
+        /// A caption shown with it.
+        #[arg(long, default_value = "")]
+        caption: String,
+    },
+    /// Send a voice note (an Ogg Opus file).
+    SendVoice {
+        /// The recipient's number.
+        number: String,
+        /// The Ogg Opus file.
+        path: PathBuf,
+    },
+    /// Download the file of a media message (by its id, from any conversation); prints the saved path.
+    Download {
+        /// The message id (as shown by `recv --json` or `history --json`).
+        message_id: String,
+        /// The directory to save into (default: the current directory).
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
     /// Print every message not shown by an earlier recv, each exactly once.
     Recv {
         /// Keep listening until this many seconds pass with nothing new.
@@ -110,6 +136,49 @@ enum Command {
         /// The contact's number.
         number: String,
     },
+}
+
+/// A byte progress bar on stderr, hidden with `--json` or when stderr is not a terminal.
+fn progress_bar(json: bool, what: &str) -> (indicatif::ProgressBar, natter_client::Progress) {
+    use std::io::IsTerminal;
+    let bar = if json || !std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(what.to_owned());
+        bar
+    };
+    let b = bar.clone();
+    let progress: natter_client::Progress = std::sync::Arc::new(move |done, total| {
+        b.set_length(total);
+        b.set_position(done);
+    });
+    (bar, progress)
+}
+
+async fn send_file(
+    client: &Client,
+    out: &Printer,
+    peer: &PhoneNumber,
+    path: &std::path::Path,
+    kind: Option<natter_proto::content::MediaKind>,
+    caption: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let (bar, progress) = progress_bar(json, "uploading");
+    client.connect().await?;
+    let sent = client.send_file(peer, path, kind, caption, progress).await;
+    bar.finish_and_clear();
+    let sent = sent?;
+    out.sent(&sent);
+    let _ = client.wait_outbox_empty(Duration::from_secs(2)).await;
+    client.disconnect().await;
+    Ok(())
 }
 
 /// Exit codes, so scripts can tell failures apart.
@@ -228,6 +297,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // Receipts for messages that arrived meanwhile go out now if they can.
             let _ = client.wait_outbox_empty(Duration::from_secs(2)).await;
             client.disconnect().await;
+        }
+        Command::SendFile {
+            number,
+            path,
+            caption,
+        } => {
+            let peer = parse_number(&number)?;
+            send_file(&client, &out, &peer, &path, None, &caption, cli.json).await?;
+        }
+        Command::SendVoice { number, path } => {
+            let peer = parse_number(&number)?;
+            let kind = Some(natter_proto::content::MediaKind::Voice);
+            send_file(&client, &out, &peer, &path, kind, "", cli.json).await?;
+        }
+        Command::Download { message_id, to } => {
+            let id = natter_proto::MessageId::from_hex(message_id.trim())
+                .map_err(|e| ClientError::InvalidInput(format!("bad message id: {e}")))?;
+            let found = client.find_message(&id).await?;
+            let Some(m) = found.iter().find(|m| m.media.is_some()) else {
+                return Err(ClientError::InvalidInput(format!(
+                    "no media message {message_id} on this device"
+                ))
+                .into());
+            };
+            let dir = match to {
+                Some(d) => d,
+                None => std::env::current_dir().context("current directory")?,
+            };
+            let (bar, progress) = progress_bar(cli.json, "downloading");
+            client.connect().await?;
+            let saved = client.download(&m.chat, &m.id, &dir, progress).await;
+            bar.finish_and_clear();
+            client.disconnect().await;
+            out.saved(&saved?);
         }
         Command::Recv { wait } => recv(&client, &out, wait).await?,
         Command::Chat { number } => chat(&client, &out, &parse_number(&number)?).await?,

@@ -243,6 +243,18 @@ impl Printer {
         }
     }
 
+    /// A downloaded file was saved.
+    pub fn saved(&self, path: &std::path::Path) {
+        if self.json {
+            say!(
+                "{}",
+                json!({"status": "saved", "path": path.display().to_string()})
+            );
+        } else {
+            say!("{}", path.display());
+        }
+    }
+
     /// A status change in `chat`.
     pub fn status(&self, id: &MessageId, status: MessageStatus) {
         if self.json {
@@ -444,7 +456,15 @@ impl Printer {
 
 #[cfg(test)]
 mod tests {
-    use super::format_time;
+    use super::{format_time, human_size};
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(human_size(12), "12 B");
+        assert_eq!(human_size(1_200_000), "1.2 MB");
+        assert_eq!(human_size(340_000), "340 KB");
+        assert_eq!(human_size(3_000_000_000), "3.0 GB");
+    }
 
     #[test]
     fn times_format_in_utc() {
