@@ -27,6 +27,12 @@ pub struct ServerConfig {
     pub link_ttl: Duration,
     /// Companions of a primary that has not connected for this long are logged out. Default 14 days.
     pub companion_logout_after: Duration,
+    /// Address of the blob HTTP service. `None` (the library default) binds a free port on `listen`'s
+    /// IP, so that servers started side by side (tests) do not collide; natterd's `--http-listen`
+    /// defaults to `127.0.0.1:5223`. Grants carry the address actually bound.
+    pub http_listen: Option<SocketAddr>,
+    /// Bytes of unexpired blobs one account may have. Default 10 GiB.
+    pub media_quota_bytes: u64,
 }
 
 /// Limits on registration, against abuse of SMS and guessing of codes.
@@ -72,6 +78,8 @@ impl ServerConfig {
             envelope_retention: limits::ENVELOPE_RETENTION,
             link_ttl: natter_proto::link::LINK_TTL,
             companion_logout_after: Duration::from_secs(14 * 24 * 3600),
+            http_listen: None,
+            media_quota_bytes: 10 * 1024 * 1024 * 1024,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! - [`registration`]: phone-number registration: codes, rate limits, SMS gateways.
 //! - [`delivery`]: routing to online devices (the [`delivery::Router`]).
 //! - [`directory`]: open companion link sessions and device-list watchers (in memory).
+//! - [`media`]: media blobs: transfer tokens, the blob store and the HTTP service.
 //! - [`store`]: the [`store::Store`] trait and its backends (SQLite by default).
 //!
 //! The server routes and stores ciphertext only; it never holds a private key of a user or a plaintext.
@@ -16,6 +17,7 @@ pub mod config;
 pub mod delivery;
 pub mod directory;
 pub mod handlers;
+pub mod media;
 pub mod registration;
 pub mod server;
 pub mod store;

@@ -35,6 +35,12 @@ struct Args {
     /// Companions of a phone that has not connected for this many days are logged out.
     #[arg(long, default_value_t = 14)]
     companion_logout_days: u64,
+    /// Address of the blob (media) HTTP service.
+    #[arg(long, env = "NATTERD_HTTP_LISTEN", default_value = "127.0.0.1:5223")]
+    http_listen: SocketAddr,
+    /// Storage quota per account for media blobs, in MiB.
+    #[arg(long, default_value_t = 10 * 1024)]
+    media_quota_mib: u64,
 }
 
 #[tokio::main]
@@ -56,12 +62,15 @@ async fn main() -> anyhow::Result<()> {
     config.registration.codes_per_number_per_hour = args.codes_per_number_per_hour;
     config.companion_logout_after =
         std::time::Duration::from_secs(args.companion_logout_days.max(1) * 24 * 3600);
+    config.http_listen = Some(args.http_listen);
+    config.media_quota_bytes = args.media_quota_mib.saturating_mul(1024 * 1024);
     let server = Server::start(config)
         .await
         .with_context(|| format!("starting natterd in {}", args.data.display()))?;
     eprintln!(
-        "natterd listening on {} (server key {})",
+        "natterd listening on {} (media on http://{}, server key {})",
         server.local_addr(),
+        server.http_addr(),
         hex::encode(server.public_key())
     );
     wait_for_signal().await;

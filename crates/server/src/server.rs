@@ -38,6 +38,9 @@ pub enum StartError {
     /// The SMS gateway specification is wrong.
     #[error(transparent)]
     Gateway(#[from] gateway::GatewayError),
+    /// The media side could not be opened.
+    #[error("media: {0}")]
+    Media(#[from] crate::media::MediaError),
     /// Key generation failed.
     #[error("key generation: {0}")]
     Crypto(#[from] natter_proto::ProtoError),
@@ -59,6 +62,8 @@ pub struct ServerState {
     pub device_cache: crate::directory::DeviceCache,
     /// The server's Noise static key, which clients pin.
     pub noise_key: StaticKeypair,
+    /// Media blobs: tokens, blob store, grant URLs.
+    pub media: Arc<crate::media::Media>,
     /// The configuration it runs with.
     pub config: ServerConfig,
     next_conn_id: AtomicU64,
@@ -105,10 +110,15 @@ impl ServerState {
 pub struct Server {
     state: Arc<ServerState>,
     local_addr: SocketAddr,
+    http_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     accept: JoinHandle<()>,
     expiry: JoinHandle<()>,
+    http: JoinHandle<()>,
 }
+
+/// How long shutdown waits for blob transfers in flight before cutting them off.
+const HTTP_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Loads the server's Noise key from the data directory, creating it on first start.
 fn load_or_create_key(dir: &Path) -> Result<StaticKeypair, StartError> {
@@ -171,8 +181,31 @@ impl Server {
             path: config.listen.to_string(),
             source,
         })?;
+        let http_bind = config
+            .http_listen
+            .unwrap_or_else(|| SocketAddr::new(config.listen.ip(), 0));
+        let http_listener =
+            TcpListener::bind(http_bind)
+                .await
+                .map_err(|source| StartError::Io {
+                    path: http_bind.to_string(),
+                    source,
+                })?;
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|source| StartError::Io {
+                path: http_bind.to_string(),
+                source,
+            })?;
+        let media = Arc::new(crate::media::Media::open(
+            &dir,
+            http_addr,
+            store.clone(),
+            config.media_quota_bytes,
+        )?);
         let state = Arc::new(ServerState {
             store,
+            media: media.clone(),
             router: Router::new(),
             registration: Registration::new(gateway, config.registration.clone()),
             links: Default::default(),
@@ -184,20 +217,28 @@ impl Server {
         });
         let (shutdown, rx) = watch::channel(false);
         let accept = tokio::spawn(crate::transport::run(state.clone(), listener, rx.clone()));
+        let http = tokio::spawn(crate::media::http::serve(http_listener, media, rx.clone()));
         let expiry = tokio::spawn(expire_periodically(state.clone(), rx));
-        tracing::info!(addr = %local_addr, key = %hex::encode(state.noise_key.public()), "natterd listening");
+        tracing::info!(addr = %local_addr, http = %http_addr, key = %hex::encode(state.noise_key.public()), "natterd listening");
         Ok(Server {
             state,
             local_addr,
+            http_addr,
             shutdown,
             accept,
             expiry,
+            http,
         })
     }
 
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address the blob HTTP service listens on (what grant URLs name).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
     }
 
     /// The server's Noise public key, which clients pin.
@@ -216,6 +257,11 @@ impl Server {
         let _ = self.shutdown.send(true);
         let _ = self.accept.await;
         let _ = self.expiry.await;
+        let mut http = self.http;
+        if tokio::time::timeout(HTTP_DRAIN, &mut http).await.is_err() {
+            http.abort();
+            let _ = http.await;
+        }
     }
 }
 
@@ -267,6 +313,11 @@ async fn expire_periodically(state: Arc<ServerState>, mut shutdown: watch::Recei
                     Ok(0) => {}
                     Ok(n) => tracing::info!(envelopes = n, "expired undelivered envelopes"),
                     Err(e) => tracing::warn!(error = %e, "expiry failed"),
+                }
+                match state.media.expire(crate::now_ms()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(blobs = n, "deleted expired media blobs"),
+                    Err(e) => tracing::warn!(error = %e, "blob expiry failed"),
                 }
                 if let Err(e) = log_out_stale_companions(&state).await {
                     tracing::warn!(error = %e, "companion logout failed");

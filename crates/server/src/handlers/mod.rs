@@ -4,6 +4,7 @@
 pub mod devices;
 pub mod keys;
 pub mod link;
+pub mod media;
 pub mod register;
 pub mod send;
 
@@ -106,12 +107,8 @@ pub async fn handle(ctx: &RequestCtx, req: Request) -> Response {
         Some(request::Body::PublishDeviceList(r)) => devices::publish_device_list(ctx, r).await,
         Some(request::Body::RemoveSelf(r)) => devices::remove_self(ctx, r).await,
         Some(request::Body::ListOwnDevices(r)) => devices::list_own_devices(ctx, r).await,
-        Some(request::Body::RequestUpload(_)) | Some(request::Body::RequestDownload(_)) => {
-            Err(Error::new(
-                ErrorCode::UnsupportedFeature,
-                "media transfers are not enabled on this server",
-            ))
-        }
+        Some(request::Body::RequestUpload(r)) => media::request_upload(ctx, r).await,
+        Some(request::Body::RequestDownload(r)) => media::request_download(ctx, r).await,
         None => Err(bad_request("unknown request")),
     };
     match result {
