@@ -535,3 +535,47 @@ async fn token_key_file_is_private_and_kept() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn interrupted_upload_keeps_what_arrived() {
+    let (_dir, server) = start(|_| {}).await;
+    let alice = ctx(&server, ALICE);
+    let data = pattern(1_000, 4);
+    let g = upload_grant(&alice, 1_000, "").await.unwrap();
+    // Announce 1_000 bytes, send 400, then drop the connection.
+    let mut s = TcpStream::connect(server.http_addr()).await.unwrap();
+    let head_text = format!(
+        "PUT {}?offset=0 HTTP/1.1\r\nHost: test\r\nAuthorization: Natter {}\r\n\
+         X-Natter-Account: {ALICE}\r\nContent-Length: 1000\r\n\r\n",
+        url_path(&g),
+        g.token
+    );
+    s.write_all(head_text.as_bytes()).await.unwrap();
+    s.write_all(&data[..400]).await.unwrap();
+    s.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(s);
+    let mut offset = None;
+    for _ in 0..100 {
+        offset = head(&server, &g, ALICE)
+            .await
+            .header("upload-offset")
+            .map(str::to_owned);
+        if offset.as_deref() == Some("400") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(offset.as_deref(), Some("400"));
+    let resumed = upload_grant(&alice, 0, &g.blob_id).await.unwrap();
+    assert_eq!(resumed.offset, 400);
+    assert_eq!(
+        put(&server, &resumed, ALICE, 400, &data[400..])
+            .await
+            .status,
+        200
+    );
+    let d = download_grant(&alice, &g.blob_id).await.unwrap();
+    assert_eq!(get(&server, &d, ALICE, None).await.body, data);
+    server.shutdown().await;
+}
