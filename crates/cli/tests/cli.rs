@@ -1,5 +1,5 @@
 //! The real `natter` binary against a real natterd on a loopback port: registration with codes from
-//! the SMS log, send/recv/history/whoami (text and JSON), configuration through the environment, exit
+//! the SMS log, send/recv/history/whoami (text and JSON), send-file/send-voice/download, configuration through the environment, exit
 //! codes and messages of the failures scripts must tell apart, and the interactive `chat`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -339,4 +339,95 @@ async fn chat_sends_typed_lines_and_shows_incoming_ones() {
         .map(|m| m["text"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(texts, ["hello from the chat", "hello back from Bob"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_file_send_voice_recv_and_download() {
+    let server = TestServer::start().await;
+    let alice_home = tempfile::tempdir().unwrap();
+    let bob_home = tempfile::tempdir().unwrap();
+    let (alice, bob) = ("+15550006101", "+15550006102");
+    register(&server, alice_home.path(), alice).await;
+    register(&server, bob_home.path(), bob).await;
+
+    let files = tempfile::tempdir().unwrap();
+    let pic = files.path().join("holiday.png");
+    image::RgbImage::from_fn(300, 200, |x, y| image::Rgb([x as u8, y as u8, 99]))
+        .save(&pic)
+        .unwrap();
+    let voice = files.path().join("note.ogg");
+    let mut ogg = Vec::new();
+    ogg.extend_from_slice(b"OggS\0\x02");
+    ogg.extend_from_slice(&0u64.to_le_bytes());
+    ogg.extend_from_slice(&[0; 13]);
+    ogg.extend_from_slice(b"OpusHead\x01\x01");
+    ogg.extend_from_slice(&0u16.to_le_bytes());
+    ogg.extend_from_slice(&[0; 100]);
+    ogg.extend_from_slice(b"OggS\0\x04");
+    ogg.extend_from_slice(&(48u64 * 2_500).to_le_bytes());
+    ogg.extend_from_slice(&[0; 20]);
+    std::fs::write(&voice, &ogg).unwrap();
+
+    let pic_arg = pic.to_str().unwrap();
+    let r = natter_in(
+        alice_home.path(),
+        None,
+        &["send-file", bob, pic_arg, "--caption", "look!"],
+    )
+    .await;
+    ok(&r, "send-file");
+    assert!(r.stdout.contains("sent to"), "{}", r.stdout);
+    let r = natter_in(
+        alice_home.path(),
+        None,
+        &["--json", "send-voice", bob, voice.to_str().unwrap()],
+    )
+    .await;
+    ok(&r, "send-voice");
+
+    let r = natter_in(bob_home.path(), None, &["--json", "recv", "--wait", "1"]).await;
+    ok(&r, "recv");
+    let got = json_lines(&r.stdout);
+    let image = got.iter().find(|v| v["kind"] == "image").expect("image");
+    assert_eq!(image["name"], "holiday.png");
+    assert_eq!(image["mime"], "image/png");
+    assert_eq!(image["caption"], "look!");
+    assert_eq!(image["from"], alice);
+    assert_eq!(image["size"], std::fs::metadata(&pic).unwrap().len());
+    assert!(!image["thumbnail"].as_str().unwrap().is_empty());
+    let note = got
+        .iter()
+        .find(|v| v["kind"] == "voice")
+        .expect("voice note");
+    assert_eq!(note["duration_ms"], 2_500);
+    assert_eq!(note["name"], "note.ogg");
+
+    let r = natter_in(bob_home.path(), None, &["history", alice]).await;
+    ok(&r, "history");
+    assert!(
+        r.stdout.contains("📎 holiday.png (") && r.stdout.contains("\"look!\""),
+        "{}",
+        r.stdout
+    );
+
+    let out = tempfile::tempdir().unwrap();
+    let id = image["id"].as_str().unwrap();
+    let r = natter_in(
+        bob_home.path(),
+        None,
+        &["download", id, "--to", out.path().to_str().unwrap()],
+    )
+    .await;
+    ok(&r, "download");
+    let saved = std::path::PathBuf::from(r.stdout.trim());
+    assert_eq!(saved, out.path().join("holiday.png"));
+    assert_eq!(std::fs::read(&saved).unwrap(), std::fs::read(&pic).unwrap());
+    let r = natter_in(
+        bob_home.path(),
+        None,
+        &["download", "00112233445566778899aabbccddeeff"],
+    )
+    .await;
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("no media message"), "{}", r.stderr);
 }
