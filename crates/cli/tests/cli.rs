@@ -1,6 +1,7 @@
 //! The real `natter` binary against a real natterd on a loopback port: registration with codes from
-//! the SMS log, send/recv/history/whoami (text and JSON), send-file/send-voice/download, configuration through the environment, exit
-//! codes and messages of the failures scripts must tell apart, and the interactive `chat`.
+//! the SMS log, send/recv/history/whoami (text and JSON), send-file/send-voice/download, configuration
+//! through the environment, exit codes and messages of the failures scripts must tell apart, and the
+//! interactive `chat`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
