@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use natter_proto::{DeviceId, MessageId, PhoneNumber};
+use natter_sqlite::{MigrateError, Migration};
+use sqlx::Connection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::{Connection, Executor};
 
 use super::memory::{checked_i64, status_advances};
 use super::{
@@ -33,9 +34,15 @@ pub const POOL_SIZE: u32 = 3;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The migrations, in order: (version, SQL). Each runs once, in its own transaction.
-const MIGRATIONS: &[(i64, &str)] = &[
-    (1, include_str!("../../migrations/001_initial.sql")),
-    (2, include_str!("../../migrations/002_media.sql")),
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: include_str!("../../migrations/001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        sql: include_str!("../../migrations/002_media.sql"),
+    },
 ];
 
 /// The SQLite store. Cloning is cheap and shares the pool.
@@ -45,16 +52,6 @@ pub struct SqliteStore {
     pool: SqlitePool,
     /// Serializes this process's write transactions (others would wait in SQLite's busy handler).
     write: Arc<tokio::sync::Mutex<()>>,
-}
-
-/// The database was written by a newer client.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "database schema version {found} is newer than this client knows ({known}); upgrade natter"
-)]
-struct SchemaTooNew {
-    found: i64,
-    known: i64,
 }
 
 /// Maps an sqlx error: decoding failures mean a bad row, everything else is the backend's.
@@ -435,69 +432,12 @@ async fn create_private(path: &Path) -> StoreResult<()> {
 // ---- migrations ----
 
 async fn migrate(conn: &mut SqliteConnection) -> StoreResult<()> {
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL PRIMARY KEY, \
-         applied_at_ms INTEGER NOT NULL) STRICT",
-    )
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
-    let known = MIGRATIONS.last().map_or(0, |(v, _)| *v);
-    for &(version, sql) in MIGRATIONS {
-        exec(conn, "BEGIN IMMEDIATE").await.map_err(db)?;
-        let applied = apply_migration(conn, version, sql, known).await;
-        let end = if applied.is_ok() {
-            "COMMIT"
-        } else {
-            "ROLLBACK"
-        };
-        let ended = exec(conn, end).await.map_err(db);
-        applied?;
-        ended?;
-    }
-    Ok(())
-}
-
-/// Applies one migration inside the caller's transaction, unless the database already has it. The version
-/// is read inside the transaction so two processes opening a new file at once do not both apply it.
-async fn apply_migration(
-    conn: &mut SqliteConnection,
-    version: i64,
-    sql: &'static str,
-    known: i64,
-) -> StoreResult<()> {
-    let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
-        .fetch_one(&mut *conn)
+    natter_sqlite::migrate(conn, MIGRATIONS)
         .await
-        .map_err(db)?;
-    let current = current.unwrap_or(0);
-    if current > known {
-        return Err(StoreError::Backend(Box::new(SchemaTooNew {
-            found: current,
-            known,
-        })));
-    }
-    if current >= version {
-        return Ok(());
-    }
-    sqlx::raw_sql(sql).execute(&mut *conn).await.map_err(db)?;
-    sqlx::query("INSERT INTO schema_version (version, applied_at_ms) VALUES (?1, ?2)")
-        .bind(version)
-        .bind(now_ms())
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
-    Ok(())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-async fn exec(conn: &mut SqliteConnection, sql: &'static str) -> Result<(), sqlx::Error> {
-    conn.execute(sqlx::query(sql)).await.map(|_| ())
+        .map_err(|e| match e {
+            MigrateError::Sqlx(e) => db(e),
+            too_new => StoreError::Backend(Box::new(too_new)),
+        })
 }
 
 // ---- writing ----

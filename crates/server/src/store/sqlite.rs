@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use natter_proto::{DeviceId, MessageId, PhoneNumber};
+use natter_sqlite::{MigrateError, Migration};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
@@ -40,9 +41,15 @@ const QUEUE_DEPTH: usize = 4096;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The migrations, in order: (version, SQL). Each runs once, in its own transaction.
-const MIGRATIONS: &[(i64, &str)] = &[
-    (1, include_str!("../../migrations/sqlite/001_initial.sql")),
-    (2, include_str!("../../migrations/sqlite/002_blobs.sql")),
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: include_str!("../../migrations/sqlite/001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        sql: include_str!("../../migrations/sqlite/002_blobs.sql"),
+    },
 ];
 
 /// The SQLite store. Cloning is cheap and shares the pool and the writer; the writer task stops when the
@@ -68,16 +75,6 @@ enum WriterError {
     Commit(String),
     #[error("internal error: the writer answered with the wrong kind of result")]
     Mismatch,
-}
-
-/// The database was written by a newer natterd.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "database schema version {found} is newer than this natterd knows ({known}); upgrade natterd"
-)]
-struct SchemaTooNew {
-    found: i64,
-    known: i64,
 }
 
 fn writer_error(e: WriterError) -> StoreError {
@@ -256,68 +253,16 @@ impl SqliteStore {
 // ---- migrations ----
 
 async fn migrate(conn: &mut SqliteConnection) -> StoreResult<()> {
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL PRIMARY KEY, \
-         applied_at_ms INTEGER NOT NULL) STRICT",
-    )
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
-    let known = MIGRATIONS.last().map_or(0, |(v, _)| *v);
-    for &(version, sql) in MIGRATIONS {
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut *conn)
-            .await
-            .map_err(db)?;
-        let applied = apply_migration(conn, version, sql, known).await;
-        let end = if applied.is_ok() {
-            "COMMIT"
-        } else {
-            "ROLLBACK"
-        };
-        let ended = sqlx::query(end).execute(&mut *conn).await.map_err(db);
-        applied?;
-        ended?;
-    }
-    Ok(())
+    natter_sqlite::migrate(conn, MIGRATIONS)
+        .await
+        .map_err(|e| match e {
+            MigrateError::Sqlx(e) => db(e),
+            too_new => StoreError::Backend(Box::new(too_new)),
+        })
 }
 
-/// Applies one migration inside the caller's transaction, unless the database already has it. The version
-/// is read inside the transaction so two processes opening a new file at once do not both apply it.
-async fn apply_migration(
-    conn: &mut SqliteConnection,
-    version: i64,
-    sql: &'static str,
-    known: i64,
-) -> StoreResult<()> {
-    let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
-    let current = current.unwrap_or(0);
-    if current > known {
-        return Err(StoreError::Backend(Box::new(SchemaTooNew {
-            found: current,
-            known,
-        })));
-    }
-    if current >= version {
-        return Ok(());
-    }
-    sqlx::raw_sql(sql).execute(&mut *conn).await.map_err(db)?;
-    sqlx::query("INSERT INTO schema_version (version, applied_at_ms) VALUES (?1, ?2)")
-        .bind(version)
-        .bind(now_ms())
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
-    Ok(())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+async fn exec(conn: &mut SqliteConnection, sql: &'static str) -> Result<(), sqlx::Error> {
+    conn.execute(sqlx::query(sql)).await.map(|_| ())
 }
 
 // ---- the writer ----
@@ -375,10 +320,6 @@ async fn writer_task(
     if let Err(e) = conn.close().await {
         tracing::warn!(error = %e, "closing the SQLite writer connection");
     }
-}
-
-async fn exec(conn: &mut SqliteConnection, sql: &'static str) -> Result<(), sqlx::Error> {
-    conn.execute(sqlx::query(sql)).await.map(|_| ())
 }
 
 /// Runs a batch of commands in one transaction (more if a failure aborts the transaction), each in its
