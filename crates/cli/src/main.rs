@@ -86,6 +86,13 @@ enum Command {
         #[arg(long)]
         to: Option<PathBuf>,
     },
+    /// Forward a photo, video, voice note or file to another number (no new upload).
+    Forward {
+        /// The media message's id.
+        message_id: String,
+        /// The recipient's number.
+        number: String,
+    },
     /// Print every message not shown by an earlier recv, each exactly once.
     Recv {
         /// Keep listening until this many seconds pass with nothing new.
@@ -310,6 +317,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let peer = parse_number(&number)?;
             let kind = Some(natter_proto::content::MediaKind::Voice);
             send_file(&client, &out, &peer, &path, kind, "", cli.json).await?;
+        }
+        Command::Forward { message_id, number } => {
+            let id = natter_proto::MessageId::from_hex(message_id.trim())
+                .map_err(|e| ClientError::InvalidInput(format!("bad message id: {e}")))?;
+            let peer = parse_number(&number)?;
+            client.connect().await?;
+            let sent = client.forward(&id, &peer).await?;
+            out.sent(&sent);
+            let _ = client.wait_outbox_empty(Duration::from_secs(2)).await;
+            client.disconnect().await;
         }
         Command::Download { message_id, to } => {
             let id = natter_proto::MessageId::from_hex(message_id.trim())

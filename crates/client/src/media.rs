@@ -526,6 +526,68 @@ impl Client {
         Ok(digests)
     }
 
+    /// Forwards a media message to `peer` without uploading or re-encrypting anything: the new message
+    /// carries the same blob, key and digests. Asking the server for a download grant re-references the
+    /// blob, so it is kept for another retention period.
+    pub async fn forward(&self, id: &MessageId, peer: &PhoneNumber) -> Result<MessageRecord> {
+        let me = self.registered_identity().await?;
+        let original = self
+            .find_message(id)
+            .await?
+            .into_iter()
+            .find(|m| m.media.is_some())
+            .ok_or_else(|| {
+                ClientError::InvalidInput(format!("no media message has the id {id}"))
+            })?;
+        let stored = original.media.ok_or(ClientError::InvalidInput(
+            "only media messages can be forwarded this way".into(),
+        ))?;
+        let key = self.media_key(&stored)?;
+        let mut media = (*stored.0).clone();
+        media.key = key.to_vec();
+        media.validate()?;
+        self.blob_grant(request::Body::RequestDownload(RequestDownload {
+            blob_id: media.blob_id.clone(),
+        }))
+        .await?;
+        let new_id = crate::random_message_id()?;
+        let now = crate::now_ms();
+        let content = Content {
+            message_id: new_id.as_bytes().to_vec(),
+            sent_at_ms: now,
+            body: Some(content::content::Body::Media(media.clone())),
+            conversation: String::new(),
+        };
+        let mut record = MessageRecord {
+            chat: peer.clone(),
+            id: new_id,
+            from_me: true,
+            sender_device: me.device_id,
+            kind: MessageKind::Media,
+            text: media.caption.clone(),
+            sent_at_ms: now,
+            server_ts_ms: 0,
+            status: MessageStatus::Pending,
+            shown: true,
+            seq: 0,
+            media: Some(self.seal_media(media)),
+        };
+        let entry = outbox_entry(new_id, new_id, peer.clone(), &content, now);
+        self.inner
+            .store
+            .save_changes(Changes {
+                messages: vec![record.clone()],
+                outbox: vec![entry.clone()],
+                ..Changes::default()
+            })
+            .await?;
+        let _sending = self.inner.sending.lock().await;
+        let ts = self.deliver(&entry).await?;
+        record.status = MessageStatus::Sent;
+        record.server_ts_ms = ts;
+        Ok(record)
+    }
+
     /// Finds media messages with this id in every conversation.
     pub async fn find_message(&self, id: &MessageId) -> Result<Vec<MessageRecord>> {
         Ok(self.inner.store.messages_with_id(id).await?)

@@ -325,3 +325,47 @@ async fn a_flipped_byte_in_the_blob_is_refused_and_nothing_is_left() {
     let left: Vec<_> = std::fs::read_dir(out.path()).unwrap().collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_reuses_the_blob_and_the_forwarded_copy_decrypts() {
+    let _serial = SERIAL.lock().await;
+    let (server, alice, bob) = pair().await;
+    let carol = TestClient::online(&server, "+15550000003").await;
+    let files = tempfile::tempdir().unwrap();
+    let src = files.path().join("talk.bin");
+    let digest = write_file(&src, 2 * MIB);
+    let got = send_and_receive(&alice, &bob, &src).await;
+    let blobs_before = walkdir::WalkDir::new(server.data_dir().join("blobs"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .count();
+
+    let mut events = carol.client.subscribe();
+    let forwarded = bob.client.forward(&got.id, &carol.phone).await.unwrap();
+    assert_ne!(forwarded.id, got.id);
+    let at_carol = next_message(&mut events, WAIT, |m| m.id == forwarded.id).await;
+    let (orig, fwd) = (
+        got.media.clone().unwrap().0,
+        at_carol.media.clone().unwrap().0,
+    );
+    assert_eq!(fwd.blob_id, orig.blob_id, "the same blob, not a new upload");
+    assert_eq!(fwd.plaintext_sha256, digest);
+    let blobs_after = walkdir::WalkDir::new(server.data_dir().join("blobs"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .count();
+    assert_eq!(blobs_after, blobs_before, "forwarding stored nothing new");
+
+    let out = tempfile::tempdir().unwrap();
+    let saved = carol
+        .client
+        .download(&bob.phone, &forwarded.id, out.path(), none())
+        .await
+        .unwrap();
+    assert_eq!(sha_file(&saved), digest);
+    // Only media can be forwarded this way.
+    let text = alice.client.send_text(&bob.phone, "plain").await.unwrap();
+    assert!(bob.client.forward(&text.id, &carol.phone).await.is_err());
+}
