@@ -477,7 +477,8 @@ impl Client {
                             push::Body::LinkAccepted(a) => self.link_accepted(a),
                             push::Body::Envelope(_)
                             | push::Body::LinkOffered(_)
-                            | push::Body::LinkDone(_) => {}
+                            | push::Body::LinkDone(_)
+                            | push::Body::AppStateChanged(_) => {}
                         }
                     }
                     None => tracing::debug!("empty push"),
@@ -954,6 +955,12 @@ impl Client {
                 }
                 out.events.push(Event::Message(record.clone()));
                 changes.messages.push(record);
+            }
+            Some(content::content::Body::HistorySync(_))
+            | Some(content::content::Body::HistoryRequest(_))
+            | Some(content::content::Body::AppStateKeyShare(_))
+            | Some(content::content::Body::AppStateRecovery(_)) => {
+                tracing::debug!("history and app-state sync are not handled by this version");
             }
             None => tracing::debug!("content without a body"),
         }

@@ -12,7 +12,7 @@ pub struct Content {
     #[prost(uint64, tag = "2")]
     pub sent_at_ms: u64,
     /// What it is.
-    #[prost(oneof = "content::Body", tags = "3, 4, 5, 7")]
+    #[prost(oneof = "content::Body", tags = "3, 4, 5, 7, 8, 9, 10, 11")]
     pub body: Option<content::Body>,
     /// For copies sent to the sender's own other devices: the conversation (peer account) the message
     /// belongs to. Empty in copies for the peer.
@@ -38,6 +38,18 @@ pub mod content {
         /// A photo, video, voice note or file: a pointer to an encrypted blob and the key to it.
         #[prost(message, tag = "7")]
         Media(super::Media),
+        /// Between an account's own devices: a chunk of history to import (an encrypted blob).
+        #[prost(message, tag = "8")]
+        HistorySync(super::HistorySync),
+        /// Between an account's own devices: "send me older history of this chat".
+        #[prost(message, tag = "9")]
+        HistoryRequest(super::HistoryRequest),
+        /// Between an account's own devices: the app-state sync key(s).
+        #[prost(message, tag = "10")]
+        AppStateKeyShare(super::AppStateKeyShare),
+        /// Between an account's own devices: "my app state failed verification, upload a snapshot".
+        #[prost(message, tag = "11")]
+        AppStateRecovery(super::AppStateRecovery),
     }
 }
 
@@ -267,4 +279,112 @@ mod tests {
             assert!(m.validate().is_err(), "case {i} accepted");
         }
     }
+}
+
+/// A chunk of history for a companion: the blob holds a zstd-compressed, encrypted [`HistoryBundle`],
+/// encrypted exactly like a media file (the `blob` fields carry the pointer, key and digests).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HistorySync {
+    /// Where the bundle is and how to check it (kind `File`, mime `application/x-natter-history`).
+    #[prost(message, optional, tag = "1")]
+    pub blob: Option<Media>,
+    /// 0 for the newest chunk; chunks go newest first.
+    #[prost(uint32, tag = "2")]
+    pub chunk_index: u32,
+    /// How many chunks this sync has.
+    #[prost(uint32, tag = "3")]
+    pub chunk_count: u32,
+    /// Messages in this chunk.
+    #[prost(uint32, tag = "4")]
+    pub message_count: u32,
+    /// Set when the chunk answers a [`HistoryRequest`] for one chat.
+    #[prost(string, tag = "5")]
+    pub chat: String,
+}
+
+/// The decompressed content of a history blob.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HistoryBundle {
+    /// Messages, newest first.
+    #[prost(message, repeated, tag = "1")]
+    pub messages: Vec<HistoryMessage>,
+}
+
+/// One message as history carries it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HistoryMessage {
+    /// The conversation (peer account).
+    #[prost(string, tag = "1")]
+    pub chat: String,
+    /// The logical message id (16 bytes).
+    #[prost(bytes = "vec", tag = "2")]
+    pub id: Vec<u8>,
+    /// Sent by this account.
+    #[prost(bool, tag = "3")]
+    pub from_me: bool,
+    /// The sending device.
+    #[prost(uint32, tag = "4")]
+    pub sender_device: u32,
+    /// "text", "media", "undecryptable" or "notice".
+    #[prost(string, tag = "5")]
+    pub kind: String,
+    /// Text or caption.
+    #[prost(string, tag = "6")]
+    pub text: String,
+    /// Sender's clock, ms.
+    #[prost(uint64, tag = "7")]
+    pub sent_at_ms: u64,
+    /// Server's clock, ms.
+    #[prost(uint64, tag = "8")]
+    pub server_ts_ms: u64,
+    /// "pending", "sent", "delivered", "read", "received" or "failed".
+    #[prost(string, tag = "9")]
+    pub status: String,
+    /// For media: the pointer (never the bytes).
+    #[prost(message, optional, tag = "10")]
+    pub media: Option<Media>,
+}
+
+/// Asks the primary for history of one chat older than what the companion has.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HistoryRequest {
+    /// The chat.
+    #[prost(string, tag = "1")]
+    pub chat: String,
+    /// Only messages with a server time before this (ms).
+    #[prost(uint64, tag = "2")]
+    pub before_ms: u64,
+    /// At most this many.
+    #[prost(uint32, tag = "3")]
+    pub max_messages: u32,
+}
+
+/// App-state sync keys, from the primary to its own devices.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AppStateKeyShare {
+    /// The keys, newest last; new mutations use the newest.
+    #[prost(message, repeated, tag = "1")]
+    pub keys: Vec<AppStateKey>,
+}
+
+/// One app-state sync key.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AppStateKey {
+    /// Its id (8 bytes).
+    #[prost(bytes = "vec", tag = "1")]
+    pub key_id: Vec<u8>,
+    /// The 32-byte key.
+    #[prost(bytes = "vec", tag = "2")]
+    pub key: Vec<u8>,
+    /// When the primary created it, ms.
+    #[prost(uint64, tag = "3")]
+    pub created_ms: u64,
+}
+
+/// Asks the primary to re-upload a verified snapshot of a collection.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AppStateRecovery {
+    /// The collection that failed verification.
+    #[prost(string, tag = "1")]
+    pub collection: String,
 }

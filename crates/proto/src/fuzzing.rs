@@ -196,6 +196,14 @@ pub fn check_content(c: &Content) -> Result<(), ProtoError> {
             }
         }
         Some(content::Body::Media(m)) => m.validate()?,
+        Some(content::Body::HistorySync(h)) => {
+            if let Some(m) = &h.blob {
+                m.validate()?;
+            }
+        }
+        Some(content::Body::HistoryRequest(_))
+        | Some(content::Body::AppStateKeyShare(_))
+        | Some(content::Body::AppStateRecovery(_)) => {}
         None => return Err(ProtoError::Missing("content body")),
     }
     Ok(())

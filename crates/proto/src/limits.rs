@@ -86,3 +86,14 @@ pub const MAX_THUMBNAIL_BYTES: usize = 16 * 1024;
 pub const BLOB_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
 /// How long a blob is kept after its upload or its last re-reference.
 pub const BLOB_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Mutations in one app-state patch.
+pub const MAX_APP_STATE_MUTATIONS: usize = 512;
+/// Bytes of one encrypted app-state value.
+pub const MAX_APP_STATE_VALUE: usize = 4 * 1024;
+/// Records in one app-state snapshot.
+pub const MAX_APP_STATE_RECORDS: usize = 50_000;
+/// Patches returned by one fetch (a device further behind fetches again).
+pub const MAX_APP_STATE_PATCHES_PER_FETCH: usize = 500;
+/// Largest decompressed history bundle chunk.
+pub const MAX_HISTORY_CHUNK_BYTES: usize = 64 * 1024 * 1024;

@@ -110,7 +110,7 @@ pub struct Request {
     /// The operation.
     #[prost(
         oneof = "request::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17"
     )]
     pub body: Option<request::Body>,
 }
@@ -162,6 +162,12 @@ pub mod request {
         /// Get a grant to download a blob; also keeps it for another retention period (forwarding).
         #[prost(message, tag = "15")]
         RequestDownload(super::RequestDownload),
+        /// Append a patch to one of the account's app-state collections.
+        #[prost(message, tag = "16")]
+        PushAppState(super::PushAppState),
+        /// Fetch an app-state collection from a version on (snapshot and/or patches).
+        #[prost(message, tag = "17")]
+        FetchAppState(super::FetchAppState),
     }
 }
 
@@ -217,6 +223,12 @@ pub mod response {
         /// Where and with which token to upload or download a blob.
         #[prost(message, tag = "13")]
         BlobGrant(super::BlobGrant),
+        /// The patch (or snapshot) is stored at this version.
+        #[prost(message, tag = "14")]
+        AppStatePushed(super::AppStatePushed),
+        /// A collection from a version on.
+        #[prost(message, tag = "15")]
+        AppState(super::AppState),
     }
 }
 
@@ -287,6 +299,8 @@ pub enum ErrorCode {
     QuotaExceeded = 21,
     /// The blob does not exist (never uploaded, or expired).
     UnknownBlob = 22,
+    /// An app-state patch was based on an old version: fetch, re-apply, push again.
+    AppStateConflict = 23,
 }
 
 /// For one account, the devices a send missed and the devices it addressed that do not exist.
@@ -503,7 +517,7 @@ pub struct Sent {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Push {
     /// What it is.
-    #[prost(oneof = "push::Body", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "push::Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
     pub body: Option<push::Body>,
 }
 
@@ -537,6 +551,9 @@ pub mod push {
         /// To the companion: the primary published the list with it; it may log in now.
         #[prost(message, tag = "8")]
         LinkDone(super::LinkDone),
+        /// Another device of the account changed an app-state collection: fetch it.
+        #[prost(message, tag = "9")]
+        AppStateChanged(super::AppStateChanged),
     }
 }
 
@@ -790,4 +807,128 @@ pub struct BlobGrant {
     /// Bytes already uploaded (for a resumed upload) or available (for a download).
     #[prost(uint64, tag = "6")]
     pub offset: u64,
+}
+
+/// One mutation of an app-state collection, as the server stores it: opaque to the server.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AppStateMutation {
+    /// 0 set, 1 remove.
+    #[prost(uint32, tag = "1")]
+    pub op: u32,
+    /// HMAC of the index under the sync key (the server cannot read the index).
+    #[prost(bytes = "vec", tag = "2")]
+    pub index_mac: Vec<u8>,
+    /// The encrypted index and value.
+    #[prost(bytes = "vec", tag = "3")]
+    pub value_blob: Vec<u8>,
+    /// MAC over op, key id and value blob.
+    #[prost(bytes = "vec", tag = "4")]
+    pub value_mac: Vec<u8>,
+    /// Which sync key (8 bytes).
+    #[prost(bytes = "vec", tag = "5")]
+    pub key_id: Vec<u8>,
+}
+
+/// A patch: the mutations of one step, the MAC of the collection's state after it (over its LTHash) and a
+/// MAC over the patch itself.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AppStatePatch {
+    /// The version this patch creates (the server assigns it: base version + 1).
+    #[prost(uint64, tag = "1")]
+    pub version: u64,
+    /// The mutations.
+    #[prost(message, repeated, tag = "2")]
+    pub mutations: Vec<AppStateMutation>,
+    /// MAC over the collection's LTHash after the patch, the version and the collection name.
+    #[prost(bytes = "vec", tag = "3")]
+    pub snapshot_mac: Vec<u8>,
+    /// MAC over the snapshot MAC, every value MAC, the version and the collection name.
+    #[prost(bytes = "vec", tag = "4")]
+    pub patch_mac: Vec<u8>,
+    /// Which sync key made the MACs.
+    #[prost(bytes = "vec", tag = "5")]
+    pub key_id: Vec<u8>,
+}
+
+/// A full collection at a version: every live value, and the snapshot MAC that covers them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AppStateSnapshot {
+    /// The version.
+    #[prost(uint64, tag = "1")]
+    pub version: u64,
+    /// Every live value, as set mutations.
+    #[prost(message, repeated, tag = "2")]
+    pub records: Vec<AppStateMutation>,
+    /// MAC over the LTHash of the records, the version and the collection name.
+    #[prost(bytes = "vec", tag = "3")]
+    pub snapshot_mac: Vec<u8>,
+    /// Which sync key made the MAC.
+    #[prost(bytes = "vec", tag = "4")]
+    pub key_id: Vec<u8>,
+}
+
+/// Appends a patch (or, with `snapshot`, records a snapshot at `base_version + 1`) to a collection of the
+/// caller's account, if the collection is still at `base_version`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PushAppState {
+    /// "contacts", "chat_settings" or "message_flags".
+    #[prost(string, tag = "1")]
+    pub collection: String,
+    /// The version the patch builds on.
+    #[prost(uint64, tag = "2")]
+    pub base_version: u64,
+    /// The patch (its `version` must be `base_version + 1`).
+    #[prost(message, optional, tag = "3")]
+    pub patch: Option<AppStatePatch>,
+    /// A snapshot at the patch's version, so that devices catching up can start from it.
+    #[prost(message, optional, tag = "4")]
+    pub snapshot: Option<AppStateSnapshot>,
+}
+
+/// The collection is at this version now.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AppStatePushed {
+    /// The new version.
+    #[prost(uint64, tag = "1")]
+    pub version: u64,
+}
+
+/// Fetches a collection of the caller's account after `after_version`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FetchAppState {
+    /// The collection.
+    #[prost(string, tag = "1")]
+    pub collection: String,
+    /// The version the device has verified.
+    #[prost(uint64, tag = "2")]
+    pub after_version: u64,
+}
+
+/// A collection after a version: the newest snapshot past it if there is one, then the patches after
+/// that, in version order.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AppState {
+    /// The collection.
+    #[prost(string, tag = "1")]
+    pub collection: String,
+    /// A snapshot to start from, if it saves patches.
+    #[prost(message, optional, tag = "2")]
+    pub snapshot: Option<AppStateSnapshot>,
+    /// The patches after the snapshot (or after `after_version`), in order.
+    #[prost(message, repeated, tag = "3")]
+    pub patches: Vec<AppStatePatch>,
+    /// The collection's current version.
+    #[prost(uint64, tag = "4")]
+    pub version: u64,
+}
+
+/// Pushed to an account's other devices when a collection changed.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AppStateChanged {
+    /// The collection.
+    #[prost(string, tag = "1")]
+    pub collection: String,
+    /// Its new version.
+    #[prost(uint64, tag = "2")]
+    pub version: u64,
 }

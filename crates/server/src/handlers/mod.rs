@@ -109,6 +109,12 @@ pub async fn handle(ctx: &RequestCtx, req: Request) -> Response {
         Some(request::Body::ListOwnDevices(r)) => devices::list_own_devices(ctx, r).await,
         Some(request::Body::RequestUpload(r)) => media::request_upload(ctx, r).await,
         Some(request::Body::RequestDownload(r)) => media::request_download(ctx, r).await,
+        Some(request::Body::PushAppState(_)) | Some(request::Body::FetchAppState(_)) => {
+            Err(Error::new(
+                ErrorCode::UnsupportedFeature,
+                "app-state sync is not enabled on this server",
+            ))
+        }
         None => Err(bad_request("unknown request")),
     };
     match result {
