@@ -1,12 +1,13 @@
 //! Natter's end-to-end cryptography: the account identity key ([`account`]), each device's Olm account
 //! and prekeys ([`device`]), Olm sessions ([`session`]), the signed device list ([`device_list`]),
 //! safety numbers ([`safety`]), media file encryption ([`media`]), sealing for companion linking ([`link`]) and encryption at rest for the
-//! client store ([`store_cipher`]).
+//! client store ([`store_cipher`]), and app-state sync MACs, LTHash and value encryption ([`appstate`]).
 //!
 //! Olm and Ed25519 come from vodozemac; symmetric encryption from RustCrypto. Keys cross this crate's
 //! boundary only as byte arrays. The crate is synchronous, does no I/O and does no logging.
 
 pub mod account;
+pub mod appstate;
 pub mod device;
 pub mod device_list;
 pub mod error;

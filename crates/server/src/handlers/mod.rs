@@ -1,6 +1,7 @@
 //! Request handlers: one module per request kind. Each takes the validated context of the connection and
 //! the request body and returns the response; none touches the socket.
 
+pub mod app_state;
 pub mod devices;
 pub mod keys;
 pub mod link;
@@ -109,12 +110,8 @@ pub async fn handle(ctx: &RequestCtx, req: Request) -> Response {
         Some(request::Body::ListOwnDevices(r)) => devices::list_own_devices(ctx, r).await,
         Some(request::Body::RequestUpload(r)) => media::request_upload(ctx, r).await,
         Some(request::Body::RequestDownload(r)) => media::request_download(ctx, r).await,
-        Some(request::Body::PushAppState(_)) | Some(request::Body::FetchAppState(_)) => {
-            Err(Error::new(
-                ErrorCode::UnsupportedFeature,
-                "app-state sync is not enabled on this server",
-            ))
-        }
+        Some(request::Body::PushAppState(r)) => app_state::push_app_state(ctx, r).await,
+        Some(request::Body::FetchAppState(r)) => app_state::fetch_app_state(ctx, r).await,
         None => Err(bad_request("unknown request")),
     };
     match result {

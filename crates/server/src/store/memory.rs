@@ -22,9 +22,9 @@ use async_trait::async_trait;
 use natter_proto::{DeviceId, MessageId, PhoneNumber};
 
 use super::{
-    AccountRecord, BlobRecord, ClaimedPreKey, CodeRecord, DeviceListUpdate, DeviceRecord,
-    EnqueueOutcome, NewAccount, NewMessage, PreKeyRecord, QueuedEnvelope, Store, StoreError,
-    StoreResult,
+    AccountRecord, AppStateFetch, BlobRecord, ClaimedPreKey, CodeRecord, DeviceListUpdate,
+    DeviceRecord, EnqueueOutcome, NewAccount, NewMessage, PreKeyRecord, QueuedEnvelope, Store,
+    StoreError, StoreResult,
 };
 
 /// A `u64` too large for the store (stored values must fit an SQL integer, i.e. `i64`).
@@ -64,6 +64,15 @@ struct Inner {
     last_seq: u64,
     /// Media blob records by id.
     blobs: HashMap<String, BlobRecord>,
+    /// App-state collections by account and name.
+    app_state: HashMap<(PhoneNumber, String), Collection>,
+}
+
+#[derive(Debug, Default)]
+struct Collection {
+    version: u64,
+    patches: BTreeMap<u64, Vec<u8>>,
+    snapshot: Option<(u64, Vec<u8>)>,
 }
 
 #[derive(Debug)]
@@ -525,5 +534,64 @@ impl Store for MemoryStore {
             inner.blobs.remove(id);
         }
         Ok(gone)
+    }
+
+    async fn push_app_state(
+        &self,
+        phone: &PhoneNumber,
+        collection: &str,
+        base_version: u64,
+        patch: &[u8],
+        snapshot: Option<&[u8]>,
+    ) -> StoreResult<u64> {
+        let new_version = base_version.saturating_add(1);
+        checked_i64("version", new_version)?;
+        let mut inner = self.lock()?;
+        let c = inner
+            .app_state
+            .entry((phone.clone(), collection.to_owned()))
+            .or_default();
+        if c.version != base_version {
+            return Err(StoreError::AppStateConflict { current: c.version });
+        }
+        c.version = new_version;
+        c.patches.insert(new_version, patch.to_vec());
+        if let Some(snap) = snapshot {
+            if let Some((previous, _)) = c.snapshot.take() {
+                c.patches = c.patches.split_off(&previous.saturating_add(1));
+            }
+            c.snapshot = Some((new_version, snap.to_vec()));
+        }
+        Ok(new_version)
+    }
+
+    async fn fetch_app_state(
+        &self,
+        phone: &PhoneNumber,
+        collection: &str,
+        after_version: u64,
+        max_patches: usize,
+    ) -> StoreResult<AppStateFetch> {
+        let inner = self.lock()?;
+        let Some(c) = inner.app_state.get(&(phone.clone(), collection.to_owned())) else {
+            return Ok(AppStateFetch::default());
+        };
+        let snapshot = c
+            .snapshot
+            .as_ref()
+            .filter(|(v, _)| *v > after_version)
+            .cloned();
+        let from = snapshot.as_ref().map_or(after_version, |(v, _)| *v);
+        let patches = c
+            .patches
+            .range((Bound::Excluded(from), Bound::Unbounded))
+            .take(max_patches)
+            .map(|(v, p)| (*v, p.clone()))
+            .collect();
+        Ok(AppStateFetch {
+            version: c.version,
+            snapshot,
+            patches,
+        })
     }
 }

@@ -27,12 +27,29 @@ pub enum StoreError {
     /// The blob does not exist (never created, or expired and deleted).
     #[error("no such blob")]
     NoSuchBlob,
+    /// An app-state push was based on an old version: the collection is at `current`.
+    #[error("the app-state collection is at version {current}")]
+    AppStateConflict {
+        /// The collection's current version.
+        current: u64,
+    },
     /// A stored row does not decode; the database was altered outside natterd.
     #[error("corrupt record: {0}")]
     Corrupt(String),
     /// The backend failed (I/O, disk full, connection lost). Retryable from the client's side.
     #[error("storage backend: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// An app-state collection after a version, as [`Store::fetch_app_state`] returns it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppStateFetch {
+    /// The collection's current version (0: never pushed).
+    pub version: u64,
+    /// The newest snapshot, if it is past the requested version: its version and encoded bytes.
+    pub snapshot: Option<(u64, Vec<u8>)>,
+    /// The patches after the snapshot (or after the requested version), in version order.
+    pub patches: Vec<(u64, Vec<u8>)>,
 }
 
 /// Result of a store operation.
@@ -353,4 +370,29 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes up to `limit` blob records with `expires_at_ms <= now_ms` and returns their ids, so the
     /// caller can delete their bytes.
     async fn delete_expired_blobs(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<String>>;
+
+    // ---- app-state sync ----
+
+    /// Appends an (opaque, encoded) patch to an account's collection at `base_version + 1` if the
+    /// collection is at `base_version` (a collection never pushed is at 0), else
+    /// [`StoreError::AppStateConflict`]. With `snapshot`, also records a snapshot at the new version: it
+    /// replaces the previous one, and the patches up to the previous snapshot are deleted. Returns the
+    /// new version.
+    async fn push_app_state(
+        &self,
+        phone: &PhoneNumber,
+        collection: &str,
+        base_version: u64,
+        patch: &[u8],
+        snapshot: Option<&[u8]>,
+    ) -> StoreResult<u64>;
+    /// The collection after `after_version`: the newest snapshot if it is past `after_version`, then at
+    /// most `max_patches` patches after it (or after `after_version`), in version order.
+    async fn fetch_app_state(
+        &self,
+        phone: &PhoneNumber,
+        collection: &str,
+        after_version: u64,
+        max_patches: usize,
+    ) -> StoreResult<AppStateFetch>;
 }

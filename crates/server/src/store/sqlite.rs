@@ -26,9 +26,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::memory::checked_i64;
 use super::{
-    AccountRecord, BlobRecord, ClaimedPreKey, CodeRecord, DeviceListUpdate, DeviceRecord,
-    EnqueueOutcome, NewAccount, NewMessage, PreKeyRecord, QueuedEnvelope, RetryInfo, Store,
-    StoreError, StoreResult,
+    AccountRecord, AppStateFetch, BlobRecord, ClaimedPreKey, CodeRecord, DeviceListUpdate,
+    DeviceRecord, EnqueueOutcome, NewAccount, NewMessage, PreKeyRecord, QueuedEnvelope, RetryInfo,
+    Store, StoreError, StoreResult,
 };
 
 /// Most write commands the writer runs in one transaction.
@@ -49,6 +49,10 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 2,
         sql: include_str!("../../migrations/sqlite/002_blobs.sql"),
+    },
+    Migration {
+        version: 3,
+        sql: include_str!("../../migrations/sqlite/003_app_state.sql"),
     },
 ];
 
@@ -293,6 +297,7 @@ enum Op {
     CompleteBlob(String),
     ExtendBlob(String, u64),
     DeleteExpiredBlobs(u64, usize),
+    PushAppState(PhoneNumber, String, u64, Vec<u8>, Option<Vec<u8>>),
 }
 
 /// A write command's result.
@@ -305,6 +310,7 @@ enum Done {
     Expired(u64),
     Created(bool),
     Ids(Vec<String>),
+    Version(u64),
 }
 
 /// The writer task: group commit until every sender is gone.
@@ -552,8 +558,92 @@ impl Op {
                 .map_err(db)?;
                 Ok(Done::Ids(ids))
             }
+            Op::PushAppState(phone, collection, base, patch, snapshot) => {
+                push_app_state(conn, phone, collection, *base, patch, snapshot.as_deref())
+                    .await
+                    .map(Done::Version)
+            }
         }
     }
+}
+
+async fn push_app_state(
+    conn: &mut SqliteConnection,
+    phone: &PhoneNumber,
+    collection: &str,
+    base_version: u64,
+    patch: &[u8],
+    snapshot: Option<&[u8]>,
+) -> StoreResult<u64> {
+    let new_version = base_version.saturating_add(1);
+    let new = checked_i64("version", new_version)?;
+    let current: Option<i64> = sqlx::query_scalar(
+        "SELECT version FROM app_state_versions WHERE phone = ?1 AND collection = ?2",
+    )
+    .bind(phone.as_str())
+    .bind(collection)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?;
+    let current = dec_u64("app-state version", current.unwrap_or(0))?;
+    if current != base_version {
+        return Err(StoreError::AppStateConflict { current });
+    }
+    sqlx::query(
+        "INSERT INTO app_state_versions (phone, collection, version) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (phone, collection) DO UPDATE SET version = excluded.version",
+    )
+    .bind(phone.as_str())
+    .bind(collection)
+    .bind(new)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    sqlx::query(
+        "INSERT OR REPLACE INTO app_state_patches (phone, collection, version, patch) \
+         VALUES (?1, ?2, ?3, ?4)",
+    )
+    .bind(phone.as_str())
+    .bind(collection)
+    .bind(new)
+    .bind(patch)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    if let Some(snapshot) = snapshot {
+        let previous: Option<i64> = sqlx::query_scalar(
+            "SELECT version FROM app_state_snapshots WHERE phone = ?1 AND collection = ?2",
+        )
+        .bind(phone.as_str())
+        .bind(collection)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db)?;
+        if let Some(previous) = previous {
+            sqlx::query(
+                "DELETE FROM app_state_patches WHERE phone = ?1 AND collection = ?2 AND version <= ?3",
+            )
+            .bind(phone.as_str())
+            .bind(collection)
+            .bind(previous)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+        }
+        sqlx::query(
+            "INSERT INTO app_state_snapshots (phone, collection, version, snapshot) \
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT (phone, collection) DO UPDATE SET \
+             version = excluded.version, snapshot = excluded.snapshot",
+        )
+        .bind(phone.as_str())
+        .bind(collection)
+        .bind(new)
+        .bind(snapshot)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    }
+    Ok(new_version)
 }
 
 /// Runs an update of one blob row (`?1` the id, `?2` the value); no row is [`StoreError::NoSuchBlob`].
@@ -1331,5 +1421,85 @@ impl Store for SqliteStore {
             Done::Ids(ids) => Ok(ids),
             _ => mismatch(),
         }
+    }
+
+    async fn push_app_state(
+        &self,
+        phone: &PhoneNumber,
+        collection: &str,
+        base_version: u64,
+        patch: &[u8],
+        snapshot: Option<&[u8]>,
+    ) -> StoreResult<u64> {
+        match self
+            .write(Op::PushAppState(
+                phone.clone(),
+                collection.to_owned(),
+                base_version,
+                patch.to_vec(),
+                snapshot.map(<[u8]>::to_vec),
+            ))
+            .await?
+        {
+            Done::Version(v) => Ok(v),
+            _ => mismatch(),
+        }
+    }
+
+    async fn fetch_app_state(
+        &self,
+        phone: &PhoneNumber,
+        collection: &str,
+        after_version: u64,
+        max_patches: usize,
+    ) -> StoreResult<AppStateFetch> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        let version: Option<i64> = sqlx::query_scalar(
+            "SELECT version FROM app_state_versions WHERE phone = ?1 AND collection = ?2",
+        )
+        .bind(phone.as_str())
+        .bind(collection)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db)?;
+        let Some(version) = version else {
+            return Ok(AppStateFetch::default());
+        };
+        let version = dec_u64("app-state version", version)?;
+        let after = i64::try_from(after_version).unwrap_or(i64::MAX);
+        let snap: Option<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT version, snapshot FROM app_state_snapshots \
+             WHERE phone = ?1 AND collection = ?2 AND version > ?3",
+        )
+        .bind(phone.as_str())
+        .bind(collection)
+        .bind(after)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db)?;
+        let from = snap.as_ref().map_or(after, |(v, _)| *v);
+        let snapshot = snap
+            .map(|(v, b)| Ok::<_, StoreError>((dec_u64("snapshot version", v)?, b)))
+            .transpose()?;
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT version, patch FROM app_state_patches \
+             WHERE phone = ?1 AND collection = ?2 AND version > ?3 ORDER BY version LIMIT ?4",
+        )
+        .bind(phone.as_str())
+        .bind(collection)
+        .bind(from)
+        .bind(i64::try_from(max_patches).unwrap_or(i64::MAX))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
+        let patches = rows
+            .into_iter()
+            .map(|(v, p)| Ok((dec_u64("patch version", v)?, p)))
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(AppStateFetch {
+            version,
+            snapshot,
+            patches,
+        })
     }
 }

@@ -904,6 +904,92 @@ async fn blobs(s: &dyn Store) {
     ));
 }
 
+async fn app_state(s: &impl Store) {
+    let a = phone(1);
+    let b = phone(2);
+    let empty = s.fetch_app_state(&a, "contacts", 0, 10).await.unwrap();
+    assert_eq!(empty, super::AppStateFetch::default());
+    assert_eq!(
+        s.push_app_state(&a, "contacts", 0, b"p1", None)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        s.push_app_state(&a, "contacts", 1, b"p2", None)
+            .await
+            .unwrap(),
+        2
+    );
+    // A stale base is a conflict and changes nothing.
+    assert!(matches!(
+        s.push_app_state(&a, "contacts", 1, b"px", None).await,
+        Err(StoreError::AppStateConflict { current: 2 })
+    ));
+    // Collections and accounts are separate.
+    assert_eq!(
+        s.push_app_state(&b, "contacts", 0, b"q1", None)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        s.push_app_state(&a, "chat_settings", 0, b"c1", None)
+            .await
+            .unwrap(),
+        1
+    );
+    let f = s.fetch_app_state(&a, "contacts", 0, 10).await.unwrap();
+    assert_eq!(f.version, 2);
+    assert_eq!(f.snapshot, None);
+    assert_eq!(f.patches, vec![(1, b"p1".to_vec()), (2, b"p2".to_vec())]);
+    let f = s.fetch_app_state(&a, "contacts", 1, 10).await.unwrap();
+    assert_eq!(f.patches, vec![(2, b"p2".to_vec())]);
+    let f = s.fetch_app_state(&a, "contacts", 0, 1).await.unwrap();
+    assert_eq!(f.patches, vec![(1, b"p1".to_vec())]);
+    // A snapshot at 3; later patches follow it.
+    assert_eq!(
+        s.push_app_state(&a, "contacts", 2, b"p3", Some(b"s3"))
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        s.push_app_state(&a, "contacts", 3, b"p4", None)
+            .await
+            .unwrap(),
+        4
+    );
+    let f = s.fetch_app_state(&a, "contacts", 0, 10).await.unwrap();
+    assert_eq!(f.version, 4);
+    assert_eq!(f.snapshot, Some((3, b"s3".to_vec())));
+    assert_eq!(f.patches, vec![(4, b"p4".to_vec())]);
+    // A device past the snapshot gets patches only; the patches after the previous snapshot stay.
+    let f = s.fetch_app_state(&a, "contacts", 1, 10).await.unwrap();
+    assert_eq!(f.snapshot, Some((3, b"s3".to_vec())));
+    let f = s.fetch_app_state(&a, "contacts", 3, 10).await.unwrap();
+    assert_eq!(f.snapshot, None);
+    assert_eq!(f.patches, vec![(4, b"p4".to_vec())]);
+    // A second snapshot drops the patches up to the first one.
+    assert_eq!(
+        s.push_app_state(&a, "contacts", 4, b"p5", Some(b"s5"))
+            .await
+            .unwrap(),
+        5
+    );
+    let f = s.fetch_app_state(&a, "contacts", 3, 10).await.unwrap();
+    assert_eq!(f.snapshot, Some((5, b"s5".to_vec())));
+    assert!(f.patches.is_empty());
+    let f = s.fetch_app_state(&a, "contacts", 2, 10).await.unwrap();
+    assert_eq!(f.snapshot, Some((5, b"s5".to_vec())));
+    let f = s.fetch_app_state(&a, "contacts", 4, 10).await.unwrap();
+    assert_eq!(f.snapshot, Some((5, b"s5".to_vec())));
+    assert!(matches!(
+        s.push_app_state(&a, "contacts", u64::MAX, b"x", None).await,
+        Err(StoreError::AppStateConflict { .. }) | Err(StoreError::Backend(_))
+    ));
+}
+
 /// Generates one `#[tokio::test]` per suite function and backend: `memory_store::NAME` and
 /// `sqlite_store::NAME`.
 macro_rules! conformance {
@@ -943,6 +1029,7 @@ conformance!(
     expire,
     out_of_range,
     blobs,
+    app_state,
 );
 
 // ---- SQLite only ----
@@ -1033,7 +1120,7 @@ async fn sqlite_store_survives_reopen() {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(versions, vec![1, 2]);
+    assert_eq!(versions, vec![1, 2, 3]);
 }
 
 #[tokio::test]
