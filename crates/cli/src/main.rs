@@ -131,6 +131,56 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Contact names, synced across this account's devices.
+    Contact {
+        /// What to do.
+        #[command(subcommand)]
+        action: ContactAction,
+    },
+    /// List contacts (the chats this device knows and every named contact): number and name.
+    Contacts,
+    /// Star a message (by id, as shown by `history --json`) on every device of the account.
+    Star {
+        /// The message id.
+        message_id: String,
+        /// Unstar it instead.
+        #[arg(long)]
+        off: bool,
+    },
+    /// Pin a chat on every device of the account.
+    Pin {
+        /// The chat's number.
+        chat: String,
+        /// Unpin it instead.
+        #[arg(long)]
+        off: bool,
+    },
+    /// Mute a chat on every device of the account.
+    Mute {
+        /// The chat's number.
+        chat: String,
+        /// For how long: a number with s, m, h or d (e.g. 8h).
+        #[arg(long = "for", default_value = "8h")]
+        duration: String,
+        /// Unmute it instead.
+        #[arg(long)]
+        off: bool,
+    },
+    /// Archive a chat on every device of the account.
+    Archive {
+        /// The chat's number.
+        chat: String,
+        /// Unarchive it instead.
+        #[arg(long)]
+        off: bool,
+    },
+    /// Mark a chat read here (read receipts go out) and on the account's other devices.
+    MarkRead {
+        /// The chat's number.
+        chat: String,
+    },
+    /// List chats with their settings (pinned, muted, archived) and unread counts.
+    Chats,
     /// List this account's devices.
     Devices,
     /// Remove a device from the account (from the phone: any companion; on a companion: itself).
@@ -259,6 +309,69 @@ fn main() -> ExitCode {
     }
 }
 
+/// Contact subcommands.
+#[derive(Subcommand, Debug)]
+enum ContactAction {
+    /// Name a contact (an empty name removes it).
+    SetName {
+        /// The contact's number.
+        number: String,
+        /// The name (several words are joined with spaces).
+        name: Vec<String>,
+    },
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `8h`, `30m`, `45s`, `2d` in milliseconds.
+fn parse_duration_ms(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let bad =
+        || ClientError::InvalidInput(format!("{s:?} is not a duration like 8h, 30m, 45s or 2d"));
+    let (n, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let scale = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad().into()),
+    };
+    Ok(n.saturating_mul(scale))
+}
+
+/// Connects, runs one app-state change (which fetches and verifies first), disconnects.
+async fn app_state(
+    client: &Client,
+    out: &Printer,
+    change: impl std::future::Future<Output = natter_client::Result<()>>,
+) -> anyhow::Result<()> {
+    client.connect().await?;
+    let result = change.await;
+    client.disconnect().await;
+    result?;
+    out.done();
+    Ok(())
+}
+
+/// Fetches and verifies every app-state collection if the server is reachable (the local verified state
+/// is shown otherwise).
+async fn refresh_app_state(client: &Client) {
+    if client.connect().await.is_ok() {
+        for c in natter_client::appstate::COLLECTIONS {
+            if let Err(e) = client.sync_app_state(c).await {
+                eprintln!("natter: {e}");
+            }
+        }
+        client.disconnect().await;
+    }
+}
+
 fn parse_number(s: &str) -> anyhow::Result<PhoneNumber> {
     PhoneNumber::parse(s).map_err(|e| ClientError::InvalidInput(e.to_string()).into())
 }
@@ -278,7 +391,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         client.set_server(server).await?;
     }
     let me = client.whoami().await?.map(|w| w.phone);
-    let out = Printer::new(cli.json, me);
+    let mut out = Printer::new(cli.json, me);
+    if matches!(cli.command, Command::History { .. }) {
+        out.set_starred(client.starred().await.unwrap_or_default());
+    }
     match cli.command {
         Command::Register { number } => {
             let phone = parse_number(&number)?;
@@ -361,6 +477,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             link_companion(&client, &out, qr.as_deref(), &name, timeout).await?
         }
         Command::Link { code, yes } => link(&client, &out, &code, yes).await?,
+        Command::Contact {
+            action: ContactAction::SetName { number, name },
+        } => {
+            let phone = parse_number(&number)?;
+            app_state(
+                &client,
+                &out,
+                client.set_contact_name(&phone, &name.join(" ")),
+            )
+            .await?;
+        }
+        Command::Contacts => {
+            refresh_app_state(&client).await;
+            out.contacts(&client.contacts().await?);
+        }
+        Command::Star { message_id, off } => {
+            let id = natter_proto::MessageId::from_hex(message_id.trim())
+                .map_err(|e| ClientError::InvalidInput(e.to_string()))?;
+            app_state(&client, &out, client.star(&id, !off)).await?;
+        }
+        Command::Pin { chat, off } => {
+            let chat = parse_number(&chat)?;
+            app_state(&client, &out, client.pin(&chat, !off)).await?;
+        }
+        Command::Mute {
+            chat,
+            duration,
+            off,
+        } => {
+            let chat = parse_number(&chat)?;
+            let until = if off {
+                0
+            } else {
+                now_ms().saturating_add(parse_duration_ms(&duration)?)
+            };
+            app_state(&client, &out, client.mute(&chat, until)).await?;
+        }
+        Command::Archive { chat, off } => {
+            let chat = parse_number(&chat)?;
+            app_state(&client, &out, client.archive(&chat, !off)).await?;
+        }
+        Command::MarkRead { chat } => {
+            let chat = parse_number(&chat)?;
+            app_state(&client, &out, client.mark_read(&chat)).await?;
+            let _ = client.wait_outbox_empty(Duration::from_secs(2)).await;
+        }
+        Command::Chats => {
+            refresh_app_state(&client).await;
+            out.chats(&client.chats().await?);
+        }
         Command::Devices => {
             client.connect().await?;
             let devices = client.devices().await?;

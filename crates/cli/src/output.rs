@@ -25,6 +25,8 @@ pub fn write_line(line: &str) {
 pub struct Printer {
     json: bool,
     me: Option<PhoneNumber>,
+    /// Starred messages (app-state sync), marked in history output.
+    starred: std::collections::HashSet<MessageId>,
 }
 
 fn status_word(s: MessageStatus) -> &'static str {
@@ -121,7 +123,75 @@ fn ts(m: &MessageRecord) -> u64 {
 impl Printer {
     /// A printer for text (`json == false`) or JSON lines.
     pub fn new(json: bool, me: Option<PhoneNumber>) -> Self {
-        Self { json, me }
+        Self {
+            json,
+            me,
+            starred: Default::default(),
+        }
+    }
+
+    /// The starred messages to mark in history output.
+    pub fn set_starred(&mut self, ids: Vec<MessageId>) {
+        self.starred = ids.into_iter().collect();
+    }
+
+    /// An app-state change was made (and synced to the account's devices).
+    pub fn done(&self) {
+        if self.json {
+            say!("{}", json!({"status": "ok"}));
+        } else {
+            say!("✓ done");
+        }
+    }
+
+    /// Contacts: number and name (if one was set).
+    pub fn contacts(&self, contacts: &[(String, Option<String>)]) {
+        for (number, name) in contacts {
+            if self.json {
+                say!("{}", json!({"number": number, "name": name}));
+            } else {
+                say!("{number}  {}", name.as_deref().unwrap_or(""));
+            }
+        }
+    }
+
+    /// Chats with their settings.
+    pub fn chats(&self, chats: &[natter_client::appstate::ChatSettings]) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        for c in chats {
+            let muted = c.muted_until_ms > now;
+            if self.json {
+                say!(
+                    "{}",
+                    json!({
+                        "chat": c.chat,
+                        "pinned": c.pinned,
+                        "muted": muted,
+                        "muted_until": if muted { json!(c.muted_until_ms) } else { serde_json::Value::Null },
+                        "archived": c.archived,
+                        "unread": c.unread,
+                    })
+                );
+            } else {
+                let mut flags = Vec::new();
+                if c.pinned {
+                    flags.push("pinned".to_owned());
+                }
+                if muted {
+                    flags.push("muted".to_owned());
+                }
+                if c.archived {
+                    flags.push("archived".to_owned());
+                }
+                if c.unread > 0 {
+                    flags.push(format!("{} unread", c.unread));
+                }
+                say!("{}  {}", c.chat, flags.join(", "));
+            }
+        }
     }
 
     fn message_json(&self, m: &MessageRecord) -> serde_json::Value {
@@ -142,6 +212,11 @@ impl Printer {
             "sent_at": m.sent_at_ms,
             "status": status_word(m.status),
         });
+        if self.starred.contains(&m.id)
+            && let Some(obj) = v.as_object_mut()
+        {
+            obj.insert("starred".into(), json!(true));
+        }
         if let (Some(media), Some(obj)) = (&m.media, v.as_object_mut()) {
             use base64::Engine;
             let media = &media.0;

@@ -61,6 +61,13 @@ struct Owner {
 
 impl Drop for Owner {
     fn drop(&mut self) {
+        if let Some(inner) = self.inner.upgrade() {
+            inner
+                .app_state_tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .abort_all();
+        }
         if let Some(inner) = self.inner.upgrade()
             && let Some(task) = inner
                 .supervisor
@@ -91,6 +98,10 @@ pub(crate) struct Inner {
     pub(crate) crypto: tokio::sync::Mutex<()>,
     /// Serialises outbox deliveries so that messages leave in order.
     pub(crate) sending: tokio::sync::Mutex<()>,
+    /// Serialises app-state fetches and pushes.
+    pub(crate) app_state: tokio::sync::Mutex<()>,
+    /// App-state background work, aborted on disconnect.
+    pub(crate) app_state_tasks: Mutex<tokio::task::JoinSet<()>>,
     pub(crate) conn: watch::Sender<Option<Arc<Connection>>>,
     supervisor: Mutex<Option<JoinHandle<()>>>,
     /// Primary side of linking: who waits for which companion's acceptance.
@@ -202,6 +213,8 @@ impl Client {
             events,
             crypto: tokio::sync::Mutex::new(()),
             sending: tokio::sync::Mutex::new(()),
+            app_state: tokio::sync::Mutex::new(()),
+            app_state_tasks: Mutex::new(tokio::task::JoinSet::new()),
             conn,
             supervisor: Mutex::new(None),
             link_waiters: Mutex::new(Default::default()),
@@ -577,6 +590,7 @@ impl Client {
         let conn = Arc::new(conn);
         self.inner.conn.send_replace(Some(conn.clone()));
         self.emit(Event::Connected);
+        self.spawn_app_state_sync(None);
         if identity.device_id == DeviceId::PRIMARY {
             // Companions may have left (or been logged out) while the phone was away.
             let client = self.background();
@@ -655,6 +669,11 @@ impl Client {
         {
             task.abort();
         }
+        self.inner
+            .app_state_tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .abort_all();
         self.inner.conn.send_replace(None);
     }
 

@@ -93,6 +93,14 @@ pub enum ClientError {
     /// The account was registered on another phone, or this device was unlinked.
     #[error("this device was removed: {0}")]
     DeviceRemoved(String),
+    /// App-state sync refused a collection (verification failed or a sync key is missing).
+    #[error("app-state sync of {collection:?} refused: {reason}")]
+    AppState {
+        /// The collection.
+        collection: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl ClientError {

@@ -27,4 +27,19 @@ pub enum Event {
     BacklogDone,
     /// This device was removed from its account (re-registration elsewhere or unlink).
     DeviceRemoved(String),
+    /// An app-state collection was verified and applied up to a new version (see [`crate::appstate`]).
+    AppStateChanged {
+        /// The collection.
+        collection: String,
+        /// Its verified version.
+        version: u64,
+    },
+    /// A fetched app-state collection failed verification (or a key is missing): it was refused and the
+    /// last verified state kept; the primary is asked for a fresh snapshot.
+    AppStateError {
+        /// The collection.
+        collection: String,
+        /// Why.
+        reason: String,
+    },
 }

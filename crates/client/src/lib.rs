@@ -10,12 +10,15 @@
 //!   resumable).
 //! - [`messaging`]: encrypting per device, the persisted outbox, processing envelopes, receipts and
 //!   decryption retries.
+//! - [`appstate`]: app-state sync (contact names, chat settings, starred messages) across the
+//!   account's devices, verified with MACs and an LTHash.
 //! - [`store`]: the [`store::ClientStore`] trait and its backends.
 //! - [`events`]: the [`Event`]s a UI listens to.
 //!
 //! Every state change that matters (a ratchet step, a message, an envelope marked processed) is saved
 //! atomically before the server is told it may forget anything.
 
+pub mod appstate;
 pub mod client;
 pub mod devices;
 pub mod error;

@@ -327,6 +327,9 @@ impl Client {
         content.devices.push(entry);
         self.publish_own_list(&me, &account, content, qr.reference.clone())
             .await?;
+        if let Err(e) = self.share_app_state_keys().await {
+            tracing::warn!(error = %e, "could not share app-state keys with the new device");
+        }
         Ok(LinkedDevice {
             device_id,
             name: qr.name.clone(),
@@ -473,6 +476,7 @@ impl Client {
         content.devices.retain(|d| d.device_id != device_id.get());
         self.publish_own_list(&me, &account, content, Vec::new())
             .await?;
+        self.rotate_app_state_key().await?;
         Ok(())
     }
 
@@ -513,6 +517,7 @@ impl Client {
         let account = self.account_key(&me)?;
         self.publish_own_list(&me, &account, content, Vec::new())
             .await?;
+        self.rotate_app_state_key().await?;
         Ok(())
     }
 

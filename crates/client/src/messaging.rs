@@ -475,10 +475,12 @@ impl Client {
                             }
                             push::Body::DeviceRemoved(r) => return Some(r.reason),
                             push::Body::LinkAccepted(a) => self.link_accepted(a),
+                            push::Body::AppStateChanged(c) => {
+                                self.spawn_app_state_sync(Some(c.collection));
+                            }
                             push::Body::Envelope(_)
                             | push::Body::LinkOffered(_)
-                            | push::Body::LinkDone(_)
-                            | push::Body::AppStateChanged(_) => {}
+                            | push::Body::LinkDone(_) => {}
                         }
                     }
                     None => tracing::debug!("empty push"),
@@ -957,10 +959,26 @@ impl Client {
                 changes.messages.push(record);
             }
             Some(content::content::Body::HistorySync(_))
-            | Some(content::content::Body::HistoryRequest(_))
-            | Some(content::content::Body::AppStateKeyShare(_))
-            | Some(content::content::Body::AppStateRecovery(_)) => {
-                tracing::debug!("history and app-state sync are not handled by this version");
+            | Some(content::content::Body::HistoryRequest(_)) => {
+                tracing::debug!("history sync is not handled by this version");
+            }
+            Some(content::content::Body::AppStateKeyShare(k)) => {
+                // Only our primary hands out sync keys.
+                if from_me && device == DeviceId::PRIMARY && me.device_id != DeviceId::PRIMARY {
+                    self.app_state_keys_received(k).await?;
+                } else {
+                    tracing::warn!("dropping app-state keys not from our primary");
+                }
+            }
+            Some(content::content::Body::AppStateRecovery(r)) => {
+                if from_me && device != me.device_id && me.device_id == DeviceId::PRIMARY {
+                    let client = self.background();
+                    self.spawn_app_state_task(async move {
+                        if let Err(e) = client.recover_app_state(&r.collection).await {
+                            tracing::warn!(error = %e, "app-state recovery failed");
+                        }
+                    });
+                }
             }
             None => tracing::debug!("content without a body"),
         }
