@@ -108,6 +108,10 @@ enum Command {
     History {
         /// The peer's number.
         number: String,
+        /// On a companion: first fetch up to 1,000 older messages of this chat from the phone (waits
+        /// at most 60 s for them).
+        #[arg(long)]
+        older: bool,
     },
     /// Forget the pinned server key (only after the server was deliberately reinstalled).
     ForgetServer,
@@ -130,6 +134,12 @@ enum Command {
         /// Link without asking for confirmation.
         #[arg(long)]
         yes: bool,
+        /// Send the companion the history of this many days.
+        #[arg(long, default_value_t = 90)]
+        history_days: u32,
+        /// Send the companion at most this many messages of history.
+        #[arg(long, default_value_t = 100_000)]
+        history_max: usize,
     },
     /// Contact names, synced across this account's devices.
     Contact {
@@ -467,16 +477,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Recv { wait } => recv(&client, &out, wait).await?,
         Command::Chat { number } => chat(&client, &out, &parse_number(&number)?).await?,
-        Command::History { number } => {
+        Command::History { number, older } => {
             let peer = parse_number(&number)?;
-            for m in client.history(&peer).await? {
+            let mut messages = if older {
+                fetch_older(&client, &peer).await?;
+                let mut all = client.history(&peer).await?;
+                // Older history arrives after newer messages: print by server time (pending last).
+                all.sort_by_key(|m| (m.server_ts_ms == 0, m.server_ts_ms));
+                all
+            } else {
+                client.history(&peer).await?
+            };
+            for m in messages.drain(..) {
                 out.history_entry(&m);
             }
         }
         Command::LinkCompanion { qr, name, timeout } => {
-            link_companion(&client, &out, qr.as_deref(), &name, timeout).await?
+            link_companion(&client, &out, qr.as_deref(), &name, timeout, cli.json).await?
         }
-        Command::Link { code, yes } => link(&client, &out, &code, yes).await?,
+        Command::Link {
+            code,
+            yes,
+            history_days,
+            history_max,
+        } => {
+            let history = natter_client::HistoryOptions {
+                max_age_days: history_days,
+                max_messages: history_max,
+                ..natter_client::HistoryOptions::default()
+            };
+            link(&client, &out, &code, yes, &history).await?
+        }
         Command::Contact {
             action: ContactAction::SetName { number, name },
         } => {
@@ -670,8 +701,10 @@ async fn link_companion(
     png: Option<&std::path::Path>,
     name: &str,
     timeout: u64,
+    json: bool,
 ) -> anyhow::Result<()> {
     let mut failure = None;
+    let events = client.subscribe();
     let me = client
         .link_as_companion(name, Duration::from_secs(timeout), |code| {
             let text = code.to_text();
@@ -692,11 +725,118 @@ async fn link_companion(
         return Err(e);
     }
     out.linked_as(&me);
+    history_progress(events, json).await;
     client.disconnect().await;
     Ok(())
 }
 
-async fn link(client: &Client, out: &Printer, code: &str, yes: bool) -> anyhow::Result<()> {
+/// After linking: a progress bar over the history chunks the phone sends, until the last one is in or
+/// 60 s pass without a new chunk.
+async fn history_progress(mut events: tokio::sync::broadcast::Receiver<Event>, json: bool) {
+    use std::io::IsTerminal;
+    const QUIET: Duration = Duration::from_secs(60);
+    let bar = if json || !std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} chunks")
+        {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message("importing history");
+        bar
+    };
+    let (mut done, mut messages, mut failed) = (0u32, 0u64, 0u32);
+    loop {
+        match tokio::time::timeout(QUIET, events.recv()).await {
+            Ok(Ok(Event::HistoryImported {
+                chunk_index,
+                chunk_count,
+                messages: n,
+                chat: None,
+            })) => {
+                done += 1;
+                messages += u64::from(n);
+                bar.set_length(u64::from(chunk_count));
+                bar.set_position(u64::from(done + failed));
+                if chunk_index + 1 >= chunk_count {
+                    break;
+                }
+            }
+            Ok(Ok(Event::HistoryFailed {
+                chunk_index,
+                chunk_count,
+                reason,
+                chat: None,
+            })) => {
+                failed += 1;
+                bar.suspend(|| eprintln!("history chunk {} refused: {reason}", chunk_index + 1));
+                bar.set_length(u64::from(chunk_count));
+                bar.set_position(u64::from(done + failed));
+                if chunk_index + 1 >= chunk_count {
+                    break;
+                }
+            }
+            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    bar.finish_and_clear();
+    if !json {
+        eprintln!("history: {messages} messages imported in {done} chunks, {failed} refused");
+    }
+}
+
+/// On a companion: asks the phone for older messages of `peer` and waits (60 s at most) for them.
+async fn fetch_older(client: &Client, peer: &PhoneNumber) -> anyhow::Result<()> {
+    let me = client.whoami().await?.ok_or(ClientError::NotRegistered)?;
+    if me.device_id == natter_proto::DeviceId::PRIMARY {
+        eprintln!("this is the phone: it holds all the history there is; nothing older to fetch");
+        return Ok(());
+    }
+    let mut events = client.subscribe();
+    client.connect().await?;
+    client.request_older_history(peer).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(Event::HistoryImported {
+                chunk_index,
+                chunk_count,
+                chat: Some(c),
+                ..
+            })) if c == *peer && chunk_index + 1 >= chunk_count => break,
+            Ok(Ok(Event::HistoryFailed {
+                chat: Some(c),
+                reason,
+                ..
+            })) if c == *peer => {
+                client.disconnect().await;
+                return Err(
+                    ClientError::InvalidInput(format!("older history refused: {reason}")).into(),
+                );
+            }
+            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(_)) | Err(_) => {
+                eprintln!(
+                    "the phone did not answer within 60 s (is it online?); showing what is here"
+                );
+                break;
+            }
+        }
+    }
+    client.disconnect().await;
+    Ok(())
+}
+
+async fn link(
+    client: &Client,
+    out: &Printer,
+    code: &str,
+    yes: bool,
+    history: &natter_client::HistoryOptions,
+) -> anyhow::Result<()> {
     let path = std::path::Path::new(code);
     let text = if !code.starts_with(natter_proto::link::QR_PREFIX) && path.exists() {
         qr::read_png(path)?
@@ -719,8 +859,22 @@ async fn link(client: &Client, out: &Printer, code: &str, yes: bool) -> anyhow::
     }
     client.connect().await?;
     let linked = client.link_device(&request).await?;
-    client.disconnect().await;
     out.linked(&linked);
+    let device = natter_proto::DeviceId::new(linked.device_id)
+        .map_err(|e| ClientError::InvalidInput(e.to_string()))?;
+    let sent = client.send_history(device, history).await?;
+    eprintln!(
+        "history: {} messages in {} chunks ({} bytes){}",
+        sent.messages,
+        sent.chunks,
+        sent.blob_bytes,
+        if sent.delivered {
+            ""
+        } else {
+            "; not all delivered yet: they go out on the next connection"
+        }
+    );
+    client.disconnect().await;
     Ok(())
 }
 

@@ -42,4 +42,27 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// A chunk of history from our primary was verified and imported (see [`crate::history`]).
+    HistoryImported {
+        /// 0 for the newest chunk.
+        chunk_index: u32,
+        /// Chunks in this sync.
+        chunk_count: u32,
+        /// Messages in the chunk.
+        messages: u32,
+        /// The chat, for an answer to a request for older history.
+        chat: Option<PhoneNumber>,
+    },
+    /// A chunk of history was refused (it failed verification or did not decode); nothing of it was
+    /// stored.
+    HistoryFailed {
+        /// The chunk.
+        chunk_index: u32,
+        /// Chunks in this sync.
+        chunk_count: u32,
+        /// The chat, for an answer to a request for older history.
+        chat: Option<PhoneNumber>,
+        /// Why.
+        reason: String,
+    },
 }

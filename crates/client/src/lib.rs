@@ -14,6 +14,7 @@
 //!   account's devices, verified with MACs and an LTHash.
 //! - [`store`]: the [`store::ClientStore`] trait and its backends.
 //! - [`events`]: the [`Event`]s a UI listens to.
+//! - [`history`]: history sync from the primary to a new companion, and requests for older history.
 //!
 //! Every state change that matters (a ratchet step, a message, an envelope marked processed) is saved
 //! atomically before the server is told it may forget anything.
@@ -23,6 +24,7 @@ pub mod client;
 pub mod devices;
 pub mod error;
 pub mod events;
+pub mod history;
 pub mod link;
 pub mod media;
 pub mod messaging;
@@ -32,6 +34,7 @@ pub mod store;
 pub use client::{Client, WhoAmI};
 pub use error::{ClientError, Result};
 pub use events::Event;
+pub use history::{HistoryOptions, HistorySent};
 pub use link::{DeviceInfo, LinkedDevice};
 pub use media::Progress;
 pub use store::{MediaRecord, MessageKind, MessageRecord, MessageStatus};

@@ -161,9 +161,37 @@ struct Digests {
     ciphertext: Vec<u8>,
 }
 
-/// Reads, encrypts and hashes the whole file; sends the ciphertext from `offset` on into `tx` (if any).
+/// What an upload encrypts: a file (streamed) or bytes already in memory (a history bundle).
+#[derive(Clone)]
+pub(crate) enum UploadSource {
+    /// A file on disk.
+    File(PathBuf),
+    /// Bytes in memory.
+    Memory(Bytes),
+}
+
+impl UploadSource {
+    fn path(&self) -> &Path {
+        match self {
+            UploadSource::File(p) => p,
+            UploadSource::Memory(_) => Path::new("<memory>"),
+        }
+    }
+
+    fn reader(&self) -> Result<Box<dyn Read + Send>> {
+        Ok(match self {
+            UploadSource::File(p) => Box::new(std::io::BufReader::with_capacity(
+                MEDIA_CHUNK,
+                std::fs::File::open(p).map_err(io_err(p))?,
+            )),
+            UploadSource::Memory(b) => Box::new(std::io::Cursor::new(b.clone())),
+        })
+    }
+}
+
+/// Reads, encrypts and hashes the whole source; sends the ciphertext from `offset` on into `tx` (if any).
 fn produce_upload(
-    path: &Path,
+    source: &UploadSource,
     size: u64,
     key: &[u8],
     offset: u64,
@@ -172,10 +200,8 @@ fn produce_upload(
 ) -> Result<Digests> {
     let total = media_ciphertext_size(size);
     let cipher = MediaCipher::new(key, size)?;
-    let mut f = std::io::BufReader::with_capacity(
-        MEDIA_CHUNK,
-        std::fs::File::open(path).map_err(io_err(path))?,
-    );
+    let path = source.path();
+    let mut f = source.reader()?;
     let (mut pt_hash, mut ct_hash) = (Sha256::new(), Sha256::new());
     let mut pos = 0u64;
     for i in 0..cipher.chunks() {
@@ -231,6 +257,91 @@ fn rehash_partial(part: &Path, size: u64, key: &[u8], chunks: u64) -> Result<(Sh
         ct_hash.update(&buf);
     }
     Ok((pt_hash, ct_hash))
+}
+
+/// Decrypts and checks a blob as it streams in: every chunk's tag, the length, both digests.
+struct BlobVerifier {
+    cipher: MediaCipher,
+    size: u64,
+    chunks: u64,
+    index: u64,
+    buf: Vec<u8>,
+    pt_hash: Sha256,
+    ct_hash: Sha256,
+}
+
+impl BlobVerifier {
+    /// Starts at chunk `from` (with the hashes of the chunks before it, for a resumed download).
+    fn new(key: &[u8], size: u64, from: u64, hashes: Option<(Sha256, Sha256)>) -> Result<Self> {
+        let cipher = MediaCipher::new(key, size)?;
+        let chunks = cipher.chunks();
+        let (pt_hash, ct_hash) = hashes.unwrap_or_else(|| (Sha256::new(), Sha256::new()));
+        Ok(BlobVerifier {
+            cipher,
+            size,
+            chunks,
+            index: from,
+            buf: Vec::with_capacity(CIPHERTEXT_CHUNK),
+            pt_hash,
+            ct_hash,
+        })
+    }
+
+    /// Ciphertext bytes verified so far.
+    fn position(&self) -> u64 {
+        self.index * CIPHERTEXT_CHUNK as u64
+    }
+
+    /// Takes more ciphertext; returns the plaintext of every chunk it completed.
+    fn feed(&mut self, mut data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        while !data.is_empty() {
+            if self.index >= self.chunks {
+                return Err(ClientError::MediaCorrupt(
+                    "the blob is longer than announced".into(),
+                ));
+            }
+            let want =
+                chunk_plaintext_len(self.size, self.index) + natter_proto::limits::MEDIA_CHUNK_TAG;
+            let n = (want - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.buf.len() == want {
+                self.ct_hash.update(&self.buf);
+                let mut chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(want));
+                if self.cipher.decrypt_chunk(self.index, &mut chunk).is_err() {
+                    return Err(ClientError::MediaCorrupt("a chunk did not decrypt".into()));
+                }
+                self.pt_hash.update(&chunk);
+                self.index += 1;
+                out.push(chunk);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every chunk arrived, nothing more.
+    fn check_complete(&self) -> Result<()> {
+        if self.index != self.chunks || !self.buf.is_empty() {
+            return Err(ClientError::MediaCorrupt(
+                "the blob is shorter than announced".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks completeness and both digests against the pointer.
+    fn finish(self, media: &Media) -> Result<()> {
+        self.check_complete()?;
+        if self.pt_hash.finalize().as_slice() != media.plaintext_sha256.as_slice()
+            || self.ct_hash.finalize().as_slice() != media.ciphertext_sha256.as_slice()
+        {
+            return Err(ClientError::MediaCorrupt(
+                "the digest does not match".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `name`, or `stem (n).ext` for the first n that does not exist in `dir`.
@@ -381,7 +492,14 @@ impl Client {
         };
 
         let digests = self
-            .upload_blob(&me.phone, &path, size, &key, &grant, progress)
+            .upload_blob(
+                &me.phone,
+                &UploadSource::File(path.clone()),
+                size,
+                &key,
+                &grant,
+                progress,
+            )
             .await?;
 
         // The blob is complete: describe it and send the message.
@@ -456,11 +574,96 @@ impl Client {
         Ok(record)
     }
 
-    /// Streams the encrypted file to the server from the grant's offset on; returns the digests.
+    /// Encrypts bytes in memory under a fresh media key and uploads them as a new blob; returns the
+    /// pointer (kind `File`, key in the clear) for a content message.
+    pub(crate) async fn upload_bytes(
+        &self,
+        data: Vec<u8>,
+        mime: &str,
+        name: &str,
+    ) -> Result<Media> {
+        let me = self.registered_identity().await?;
+        let size = data.len() as u64;
+        let ct_size = media_ciphertext_size(size);
+        let grant = self
+            .blob_grant(request::Body::RequestUpload(RequestUpload {
+                size: ct_size,
+                blob_id: String::new(),
+            }))
+            .await?;
+        let key = generate_media_key();
+        let source = UploadSource::Memory(Bytes::from(data));
+        let digests = self
+            .upload_blob(
+                &me.phone,
+                &source,
+                size,
+                key.as_ref(),
+                &grant,
+                no_progress(),
+            )
+            .await?;
+        Ok(Media {
+            kind: MediaKind::File as i32,
+            blob_id: grant.blob_id,
+            key: key.to_vec(),
+            plaintext_sha256: digests.plaintext,
+            ciphertext_sha256: digests.ciphertext,
+            size,
+            ciphertext_size: ct_size,
+            mime: mime.to_owned(),
+            name: name.to_owned(),
+            ..Media::default()
+        })
+    }
+
+    /// Downloads a blob into memory, verifying every chunk, both digests and the size; refuses a blob
+    /// that announces more than `limit` plaintext bytes before fetching anything.
+    pub(crate) async fn download_to_memory(&self, media: &Media, limit: usize) -> Result<Vec<u8>> {
+        if media.size > limit as u64 || media.ciphertext_size != media_ciphertext_size(media.size) {
+            return Err(ClientError::MediaCorrupt(format!(
+                "the blob announces {} bytes; at most {limit} are accepted",
+                media.size
+            )));
+        }
+        let me = self.registered_identity().await?;
+        let mut verifier = BlobVerifier::new(&media.key, media.size, 0, None)?;
+        let grant = self
+            .blob_grant(request::Body::RequestDownload(RequestDownload {
+                blob_id: media.blob_id.clone(),
+            }))
+            .await?;
+        let mut resp = reqwest::Client::new()
+            .get(&grant.url)
+            .header("Authorization", format!("Natter {}", grant.token))
+            .header("X-Natter-Account", me.phone.as_str())
+            .send()
+            .await
+            .map_err(http_err)?;
+        if !resp.status().is_success() {
+            return Err(ClientError::Transfer(format!(
+                "the server refused the download ({})",
+                resp.status()
+            )));
+        }
+        let mut out = Vec::with_capacity(usize::try_from(media.size).unwrap_or(0));
+        while let Some(data) = resp.chunk().await.map_err(http_err)? {
+            for plain in verifier.feed(&data)? {
+                out.extend_from_slice(&plain);
+            }
+        }
+        verifier.finish(media)?;
+        if out.len() as u64 != media.size {
+            return Err(ClientError::MediaCorrupt("the size does not match".into()));
+        }
+        Ok(out)
+    }
+
+    /// Streams the encrypted source to the server from the grant's offset on; returns the digests.
     async fn upload_blob(
         &self,
         account: &PhoneNumber,
-        path: &Path,
+        source: &UploadSource,
         size: u64,
         key: &[u8],
         grant: &BlobGrant,
@@ -472,13 +675,13 @@ impl Client {
         let (tx, mut rx) = mpsc::channel::<std::io::Result<Bytes>>(UPLOAD_QUEUE);
         let tx = (offset < total).then_some(tx);
         let producer = {
-            let (path, key, progress) = (
-                path.to_path_buf(),
+            let (source, key, progress) = (
+                source.clone(),
                 Zeroizing::new(key.to_vec()),
                 progress.clone(),
             );
             tokio::task::spawn_blocking(move || {
-                produce_upload(&path, size, &key, offset, tx, &progress)
+                produce_upload(&source, size, &key, offset, tx, &progress)
             })
         };
         if offset < total {
@@ -625,8 +828,7 @@ impl Client {
         let part = dir.join(format!("{name}.part"));
         let size = media.size;
         let total = media.ciphertext_size;
-        let cipher = MediaCipher::new(&key, size)?;
-        let chunks = cipher.chunks();
+        let chunks = MediaCipher::new(&key, size)?.chunks();
 
         // Resume: keep the whole chunks already written (at least the last one is fetched again).
         let have = match tokio::fs::metadata(&part).await {
@@ -634,14 +836,17 @@ impl Client {
             Err(_) => 0,
         };
         let done_chunks = (have / MEDIA_CHUNK as u64).min(chunks - 1);
-        let (mut pt_hash, mut ct_hash) = if done_chunks > 0 {
+        let hashes = if done_chunks > 0 {
             let (p, k) = (part.clone(), key.clone());
-            tokio::task::spawn_blocking(move || rehash_partial(&p, size, &k, done_chunks))
-                .await
-                .map_err(|e| ClientError::Transfer(format!("download task failed: {e}")))??
+            Some(
+                tokio::task::spawn_blocking(move || rehash_partial(&p, size, &k, done_chunks))
+                    .await
+                    .map_err(|e| ClientError::Transfer(format!("download task failed: {e}")))??,
+            )
         } else {
-            (Sha256::new(), Sha256::new())
+            None
         };
+        let mut verifier = BlobVerifier::new(&key, size, done_chunks, hashes)?;
         let mut file = tokio::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -681,9 +886,6 @@ impl Client {
             start
         };
         progress(start, total);
-        let mut index = done_chunks;
-        let mut pos = start;
-        let mut buf: Vec<u8> = Vec::with_capacity(CIPHERTEXT_CHUNK);
         let fail = |part: PathBuf, what: &str| {
             let _ = std::fs::remove_file(&part);
             ClientError::MediaCorrupt(what.to_owned())
@@ -704,33 +906,23 @@ impl Client {
                 data = &data[n..];
                 skip -= n as u64;
             }
-            while !data.is_empty() {
-                if index >= chunks {
+            let plains = match verifier.feed(data) {
+                Ok(p) => p,
+                Err(e) => {
                     drop(file);
-                    return Err(fail(part, "the blob is longer than announced"));
+                    let _ = std::fs::remove_file(&part);
+                    return Err(e);
                 }
-                let want = chunk_plaintext_len(size, index) + natter_proto::limits::MEDIA_CHUNK_TAG;
-                let n = (want - buf.len()).min(data.len());
-                buf.extend_from_slice(&data[..n]);
-                data = &data[n..];
-                if buf.len() == want {
-                    ct_hash.update(&buf);
-                    if cipher.decrypt_chunk(index, &mut buf).is_err() {
-                        drop(file);
-                        return Err(fail(part, "a chunk did not decrypt"));
-                    }
-                    pt_hash.update(&buf);
-                    file.write_all(&buf).await.map_err(io_err(&part))?;
-                    pos += want as u64;
-                    index += 1;
-                    buf.clear();
-                    progress(pos, total);
-                }
+            };
+            for plain in plains {
+                file.write_all(&plain).await.map_err(io_err(&part))?;
+                progress(verifier.position().min(total), total);
             }
         }
-        if index != chunks || !buf.is_empty() {
+        if let Err(e) = verifier.check_complete() {
             drop(file);
-            return Err(fail(part, "the blob is shorter than announced"));
+            let _ = std::fs::remove_file(&part);
+            return Err(e);
         }
         file.sync_all().await.map_err(io_err(&part))?;
         drop(file);
@@ -741,10 +933,9 @@ impl Client {
         if written != size {
             return Err(fail(part, "the size does not match"));
         }
-        if pt_hash.finalize().as_slice() != media.plaintext_sha256.as_slice()
-            || ct_hash.finalize().as_slice() != media.ciphertext_sha256.as_slice()
-        {
-            return Err(fail(part, "the digest does not match"));
+        if let Err(e) = verifier.finish(media) {
+            let _ = std::fs::remove_file(&part);
+            return Err(e);
         }
         let target = free_name(dir, &name);
         tokio::fs::rename(&part, &target)
@@ -785,7 +976,8 @@ mod tests {
         let size = data.len() as u64;
         let whole = |offset: u64| {
             let (tx, mut rx) = mpsc::channel(16);
-            let d = produce_upload(&path, size, &key, offset, Some(tx), &no_progress()).unwrap();
+            let source = UploadSource::File(path.clone());
+            let d = produce_upload(&source, size, &key, offset, Some(tx), &no_progress()).unwrap();
             let mut out = Vec::new();
             while let Ok(Ok(b)) = rx.try_recv() {
                 out.extend_from_slice(&b);

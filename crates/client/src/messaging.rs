@@ -51,6 +51,7 @@ struct Outcome {
     delivered: Vec<(PhoneNumber, MessageId)>,
     resends: Vec<(PhoneNumber, DeviceId, MessageId, u32)>,
     retry_requests: Vec<(PhoneNumber, DeviceId, MessageId, u32)>,
+    history: Vec<crate::history::HistoryJob>,
 }
 
 fn key32(v: &[u8]) -> Result<[u8; 32]> {
@@ -538,6 +539,7 @@ impl Client {
                     outcome.delivered.extend(o.delivered);
                     outcome.resends.extend(o.resends);
                     outcome.retry_requests.extend(o.retry_requests);
+                    outcome.history.extend(o.history);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not process an envelope; it stays on the server");
@@ -552,6 +554,7 @@ impl Client {
         for ev in std::mem::take(&mut outcome.events) {
             self.emit(ev);
         }
+        self.spawn_history_jobs(std::mem::take(&mut outcome.history));
         if let Err(e) = self.queue_follow_ups(&me, outcome).await {
             tracing::warn!(error = %e, "could not queue receipts");
         }
@@ -958,9 +961,22 @@ impl Client {
                 out.events.push(Event::Message(record.clone()));
                 changes.messages.push(record);
             }
-            Some(content::content::Body::HistorySync(_))
-            | Some(content::content::Body::HistoryRequest(_)) => {
-                tracing::debug!("history sync is not handled by this version");
+            Some(content::content::Body::HistorySync(h)) => {
+                // Only our own account's other devices send us history.
+                if from_me && device != me.device_id {
+                    out.history
+                        .push(crate::history::HistoryJob::Import(Box::new(h)));
+                } else {
+                    tracing::warn!("dropping history from another account");
+                }
+            }
+            Some(content::content::Body::HistoryRequest(r)) => {
+                if from_me && device != me.device_id && me.device_id == DeviceId::PRIMARY {
+                    out.history
+                        .push(crate::history::HistoryJob::Answer(device, r));
+                } else {
+                    tracing::warn!("dropping a history request not from one of our companions");
+                }
             }
             Some(content::content::Body::AppStateKeyShare(k)) => {
                 // Only our primary hands out sync keys.

@@ -385,4 +385,24 @@ impl ClientStore for MemoryStore {
             .get(&(peer.clone(), path.to_owned()))
             .cloned())
     }
+
+    async fn messages_page(
+        &self,
+        chat: Option<&PhoneNumber>,
+        since_ms: u64,
+        before_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        let inner = self.lock()?;
+        let mut page: Vec<MessageRecord> = inner
+            .messages
+            .values()
+            .filter(|m| chat.is_none_or(|c| m.chat == *c))
+            .filter(|m| m.server_ts_ms >= since_ms && m.server_ts_ms < before_ms)
+            .cloned()
+            .collect();
+        page.sort_by_key(|m| std::cmp::Reverse((m.server_ts_ms, m.seq)));
+        page.truncate(limit);
+        Ok(page)
+    }
 }

@@ -326,4 +326,13 @@ pub trait ClientStore: Send + Sync + 'static {
     async fn messages_with_id(&self, id: &MessageId) -> StoreResult<Vec<MessageRecord>>;
     /// The upload in progress of a file to a peer.
     async fn upload(&self, peer: &PhoneNumber, path: &str) -> StoreResult<Option<UploadRecord>>;
+    /// Messages of one conversation (or of all, `None`) with `since_ms <= server_ts_ms < before_ms`,
+    /// newest first (by server time, then insertion order), at most `limit` (history sync).
+    async fn messages_page(
+        &self,
+        chat: Option<&PhoneNumber>,
+        since_ms: u64,
+        before_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<MessageRecord>>;
 }

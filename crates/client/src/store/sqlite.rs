@@ -912,4 +912,27 @@ impl ClientStore for SqliteStore {
         .map_err(db)?;
         row.map(upload_from_row).transpose()
     }
+
+    async fn messages_page(
+        &self,
+        chat: Option<&PhoneNumber>,
+        since_ms: u64,
+        before_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        let rows: Vec<MessageRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE (?1 IS NULL OR chat = ?1) AND server_ts_ms >= ?2 \
+             AND server_ts_ms < ?3 ORDER BY server_ts_ms DESC, seq DESC LIMIT ?4"
+        ))
+        .bind(chat.map(|c| c.as_str().to_owned()))
+        .bind(i64::try_from(since_ms).unwrap_or(i64::MAX))
+        .bind(i64::try_from(before_ms).unwrap_or(i64::MAX))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.into_iter().map(message_from_row).collect()
+    }
 }

@@ -1228,6 +1228,53 @@ async fn media_messages(s: &dyn ClientStore) {
     assert_eq!(s.unshown().await.unwrap(), vec![got]);
 }
 
+async fn messages_page(s: &dyn ClientStore) {
+    let (a, b) = (phone(2), phone(3));
+    let at = |chat: &PhoneNumber, n: u8, ts: u64| MessageRecord {
+        server_ts_ms: ts,
+        ..msg(chat, mid(n), MessageStatus::Received)
+    };
+    // Inserted out of time order; equal times fall back to insertion order.
+    let all = vec![
+        at(&a, 1, 3_000),
+        at(&b, 2, 1_000),
+        at(&a, 3, 2_000),
+        at(&a, 4, 2_000),
+        at(&b, 5, 4_000),
+    ];
+    save(
+        s,
+        Changes {
+            messages: all,
+            ..Changes::default()
+        },
+    )
+    .await;
+    let ids = |v: Vec<MessageRecord>| v.iter().map(|m| m.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.messages_page(None, 0, u64::MAX, 100).await.unwrap()),
+        vec![mid(5), mid(1), mid(4), mid(3), mid(2)]
+    );
+    assert_eq!(
+        ids(s.messages_page(None, 2_000, u64::MAX, 3).await.unwrap()),
+        vec![mid(5), mid(1), mid(4)]
+    );
+    assert_eq!(
+        ids(s.messages_page(Some(&a), 0, 3_000, 100).await.unwrap()),
+        vec![mid(4), mid(3)]
+    );
+    assert_eq!(
+        ids(s.messages_page(Some(&b), 1_500, 10_000, 100).await.unwrap()),
+        vec![mid(5)]
+    );
+    assert!(
+        s.messages_page(Some(&a), 0, 1_000, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 async fn uploads(s: &dyn ClientStore) {
     let (a, b) = (phone(2), phone(3));
     assert_eq!(s.upload(&a, "/x").await.unwrap(), None);
@@ -1286,6 +1333,7 @@ async fn uploads(s: &dyn ClientStore) {
 }
 
 conformance!(
+    messages_page,
     media_messages,
     uploads,
     empty,
