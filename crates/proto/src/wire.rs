@@ -181,7 +181,10 @@ pub struct Response {
     #[prost(message, optional, tag = "2")]
     pub error: Option<Error>,
     /// The result of a successful request.
-    #[prost(oneof = "response::Body", tags = "3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15")]
+    #[prost(
+        oneof = "response::Body",
+        tags = "3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15"
+    )]
     pub body: Option<response::Body>,
 }
 
