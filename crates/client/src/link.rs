@@ -26,6 +26,7 @@ use zeroize::Zeroizing;
 
 use crate::client::{Client, WhoAmI, unexpected};
 use crate::error::{ClientError, Result};
+use crate::messaging::key32;
 use crate::net::{ConnectOptions, Connection};
 use crate::store::{Changes, IdentityRecord, PeerRecord};
 
@@ -67,11 +68,6 @@ pub fn fingerprint(key: &[u8]) -> String {
         .map(|c| c.iter().map(|b| format!("{b:02x}")).collect::<String>())
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-fn key32(v: &[u8]) -> Result<[u8; 32]> {
-    v.try_into()
-        .map_err(|_| ClientError::Crypto(natter_crypto::CryptoError::InvalidKey))
 }
 
 impl Client {

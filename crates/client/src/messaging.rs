@@ -54,7 +54,18 @@ struct Outcome {
     history: Vec<crate::history::HistoryJob>,
 }
 
-fn key32(v: &[u8]) -> Result<[u8; 32]> {
+/// The conversation a message belongs to: the sender's, or for a copy from one of our own devices the
+/// one it names (`None` if that name is not a number).
+fn conversation(from_me: bool, sender: &PhoneNumber, named: &str) -> Option<PhoneNumber> {
+    if from_me {
+        PhoneNumber::from_e164(named).ok()
+    } else {
+        Some(sender.clone())
+    }
+}
+
+/// A 32-byte key from the wire or the store.
+pub(crate) fn key32(v: &[u8]) -> Result<[u8; 32]> {
     v.try_into()
         .map_err(|_| ClientError::Crypto(natter_crypto::CryptoError::InvalidKey))
 }
@@ -845,13 +856,8 @@ impl Client {
             .map_err(|e| ClientError::InvalidInput(e.to_string()))?;
         match content.body {
             Some(content::content::Body::Text(t)) => {
-                let chat = if from_me {
-                    match PhoneNumber::from_e164(&content.conversation) {
-                        Ok(c) => c,
-                        Err(_) => return Ok(()),
-                    }
-                } else {
-                    sender.clone()
+                let Some(chat) = conversation(from_me, sender, &content.conversation) else {
+                    return Ok(());
                 };
                 if t.body.len() > MAX_TEXT_BYTES {
                     tracing::warn!("dropping an over-long text message");
@@ -922,13 +928,8 @@ impl Client {
                 }
             }
             Some(content::content::Body::Media(m)) => {
-                let chat = if from_me {
-                    match PhoneNumber::from_e164(&content.conversation) {
-                        Ok(c) => c,
-                        Err(_) => return Ok(()),
-                    }
-                } else {
-                    sender.clone()
+                let Some(chat) = conversation(from_me, sender, &content.conversation) else {
+                    return Ok(());
                 };
                 if let Err(e) = m.validate() {
                     tracing::warn!(error = %e, "dropping an invalid media message");

@@ -244,6 +244,14 @@ impl SqliteStore {
     }
 
     /// Sends a write command to the writer task and waits until it is committed (or failed).
+    /// A write whose only result is success.
+    async fn write_unit(&self, op: Op) -> StoreResult<()> {
+        match self.write(op).await? {
+            Done::Unit => Ok(()),
+            _ => mismatch(),
+        }
+    }
+
     async fn write(&self, op: Op) -> StoreResult<Done> {
         let (reply, answer) = oneshot::channel();
         self.writer
@@ -1079,10 +1087,7 @@ fn mismatch<T>() -> StoreResult<T> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn save_code(&self, code: &CodeRecord) -> StoreResult<()> {
-        match self.write(Op::SaveCode(code.clone())).await? {
-            Done::Unit => Ok(()),
-            _ => mismatch(),
-        }
+        self.write_unit(Op::SaveCode(code.clone())).await
     }
 
     async fn get_code(&self, phone: &PhoneNumber) -> StoreResult<Option<CodeRecord>> {
@@ -1104,10 +1109,7 @@ impl Store for SqliteStore {
     }
 
     async fn remove_code(&self, phone: &PhoneNumber) -> StoreResult<()> {
-        match self.write(Op::RemoveCode(phone.clone())).await? {
-            Done::Unit => Ok(()),
-            _ => mismatch(),
-        }
+        self.write_unit(Op::RemoveCode(phone.clone())).await
     }
 
     async fn update_devices(
@@ -1115,13 +1117,8 @@ impl Store for SqliteStore {
         phone: &PhoneNumber,
         update: &DeviceListUpdate,
     ) -> StoreResult<()> {
-        match self
-            .write(Op::UpdateDevices(phone.clone(), update.clone()))
-            .await?
-        {
-            Done::Unit => Ok(()),
-            _ => mismatch(),
-        }
+        self.write_unit(Op::UpdateDevices(phone.clone(), update.clone()))
+            .await
     }
 
     async fn stale_companions(
@@ -1146,13 +1143,8 @@ impl Store for SqliteStore {
     }
 
     async fn remove_device(&self, phone: &PhoneNumber, device_id: DeviceId) -> StoreResult<()> {
-        match self
-            .write(Op::RemoveDevice(phone.clone(), device_id))
-            .await?
-        {
-            Done::Unit => Ok(()),
-            _ => mismatch(),
-        }
+        self.write_unit(Op::RemoveDevice(phone.clone(), device_id))
+            .await
     }
 
     async fn create_account(&self, new: &NewAccount) -> StoreResult<Vec<DeviceId>> {
@@ -1209,13 +1201,8 @@ impl Store for SqliteStore {
         device_id: DeviceId,
         now_ms: u64,
     ) -> StoreResult<()> {
-        match self
-            .write(Op::TouchDevice(phone.clone(), device_id, now_ms))
-            .await?
-        {
-            Done::Unit => Ok(()),
-            _ => mismatch(),
-        }
+        self.write_unit(Op::TouchDevice(phone.clone(), device_id, now_ms))
+            .await
     }
 
     async fn add_one_time_keys(
@@ -1239,13 +1226,8 @@ impl Store for SqliteStore {
         device_id: DeviceId,
         key: &PreKeyRecord,
     ) -> StoreResult<()> {
-        match self
-            .write(Op::SetFallbackKey(phone.clone(), device_id, key.clone()))
-            .await?
-        {
-            Done::Unit => Ok(()),
-            _ => mismatch(),
-        }
+        self.write_unit(Op::SetFallbackKey(phone.clone(), device_id, key.clone()))
+            .await
     }
 
     async fn count_one_time_keys(
@@ -1344,13 +1326,8 @@ impl Store for SqliteStore {
         if seqs.is_empty() {
             return Ok(());
         }
-        match self
-            .write(Op::Ack(phone.clone(), device_id, seqs.to_vec()))
-            .await?
-        {
-            Done::Unit => Ok(()),
-            _ => mismatch(),
-        }
+        self.write_unit(Op::Ack(phone.clone(), device_id, seqs.to_vec()))
+            .await
     }
 
     async fn expire(&self, now_ms: u64) -> StoreResult<u64> {
@@ -1388,27 +1365,17 @@ impl Store for SqliteStore {
     }
 
     async fn set_blob_offset(&self, id: &str, offset: u64) -> StoreResult<()> {
-        match self.write(Op::SetBlobOffset(id.to_owned(), offset)).await? {
-            Done::Unit => Ok(()),
-            _ => mismatch(),
-        }
+        self.write_unit(Op::SetBlobOffset(id.to_owned(), offset))
+            .await
     }
 
     async fn complete_blob(&self, id: &str) -> StoreResult<()> {
-        match self.write(Op::CompleteBlob(id.to_owned())).await? {
-            Done::Unit => Ok(()),
-            _ => mismatch(),
-        }
+        self.write_unit(Op::CompleteBlob(id.to_owned())).await
     }
 
     async fn extend_blob(&self, id: &str, expires_at_ms: u64) -> StoreResult<()> {
-        match self
-            .write(Op::ExtendBlob(id.to_owned(), expires_at_ms))
-            .await?
-        {
-            Done::Unit => Ok(()),
-            _ => mismatch(),
-        }
+        self.write_unit(Op::ExtendBlob(id.to_owned(), expires_at_ms))
+            .await
     }
 
     async fn blob_usage(&self, owner: &PhoneNumber, now_ms: u64) -> StoreResult<u64> {
