@@ -83,16 +83,15 @@ async fn chat_views(client: &Client, chat: &PhoneNumber, since: u64) -> BTreeMap
 /// Waits for history events until `done` chunks have arrived (or one failed); returns the events.
 async fn history_events(
     events: &mut tokio::sync::broadcast::Receiver<Event>,
-    stop: impl Fn(&Event) -> bool,
+    stop: impl Fn(&[Event]) -> bool,
 ) -> Vec<Event> {
     let mut seen = Vec::new();
     tokio::time::timeout(WAIT, async {
         loop {
             match events.recv().await {
                 Ok(e @ (Event::HistoryImported { .. } | Event::HistoryFailed { .. })) => {
-                    let last = stop(&e);
                     seen.push(e);
-                    if last {
+                    if stop(&seen) {
                         return;
                     }
                 }
@@ -107,9 +106,26 @@ async fn history_events(
     seen
 }
 
-fn all_chunks(e: &Event) -> bool {
-    matches!(e, Event::HistoryImported { chunk_index, chunk_count, .. } if chunk_index + 1 == *chunk_count)
-        || matches!(e, Event::HistoryFailed { .. })
+/// Every chunk of the sync has been imported (chunks from separate batches may finish in any order), or
+/// one was refused.
+fn all_chunks(seen: &[Event]) -> bool {
+    let mut done = std::collections::BTreeSet::new();
+    let mut count = None;
+    for e in seen {
+        match e {
+            Event::HistoryImported {
+                chunk_index,
+                chunk_count,
+                ..
+            } => {
+                done.insert(*chunk_index);
+                count = Some(*chunk_count);
+            }
+            Event::HistoryFailed { .. } => return true,
+            _ => {}
+        }
+    }
+    count.is_some_and(|c| done.len() as u32 >= c)
 }
 
 /// Inserts `n` synthetic text messages into a switched-off device's store, `age_ms` in the past and

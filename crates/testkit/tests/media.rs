@@ -365,7 +365,13 @@ async fn forwarding_reuses_the_blob_and_the_forwarded_copy_decrypts() {
         .await
         .unwrap();
     assert_eq!(sha_file(&saved), digest);
-    // Only media can be forwarded this way.
+    // Only media can be forwarded this way: a text Bob holds is refused.
+    let mut at_bob = bob.client.subscribe();
     let text = alice.client.send_text(&bob.phone, "plain").await.unwrap();
-    assert!(bob.client.forward(&text.id, &carol.phone).await.is_err());
+    next_message(&mut at_bob, WAIT, |m| m.id == text.id).await;
+    let refused = bob.client.forward(&text.id, &carol.phone).await;
+    assert!(
+        matches!(refused, Err(natter_client::ClientError::InvalidInput(_))),
+        "{refused:?}"
+    );
 }
