@@ -82,12 +82,7 @@ impl TestServer {
 
     /// The last code sent to `phone`, from the SMS log.
     pub fn last_code(&self, phone: &str) -> Option<String> {
-        let text = std::fs::read_to_string(self.sms_log()).ok()?;
-        text.lines()
-            .rev()
-            .filter_map(|l| l.split_once(' '))
-            .find(|(p, _)| *p == phone)
-            .map(|(_, c)| c.to_owned())
+        last_code_in(&self.sms_log(), phone)
     }
 
     /// The running server.
@@ -143,18 +138,7 @@ impl TestClient {
     /// Registers `phone` on `server` (reading the code from the SMS log) and returns the device,
     /// not yet connected.
     pub async fn register(server: &TestServer, phone: &str) -> TestClient {
-        let home = tempfile::tempdir().expect("temp home");
-        let client = Client::open(home.path()).await.expect("open home");
-        client.set_server(&server.addr()).await.expect("server");
-        let phone = PhoneNumber::parse(phone).expect("phone");
-        client.register(&phone).await.expect("register");
-        let code = server.last_code(phone.as_str()).expect("code in sms log");
-        client.verify(&code).await.expect("verify");
-        TestClient {
-            client,
-            phone,
-            home,
-        }
+        Self::register_at(&server.addr(), &server.sms_log(), phone).await
     }
 
     /// Registers and connects.
@@ -360,5 +344,195 @@ impl TestClient {
         client.disconnect().await;
         drop(client);
         PoweredOff { phone, home }
+    }
+}
+
+/// The `natterd` binary next to the running test (`target/<profile>/natterd`), built with
+/// `cargo build -p natter-server --bin natterd` first if it is not there; `NATTERD_BIN` overrides.
+pub fn natterd_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("NATTERD_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/natterd
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable in target/<profile>/deps");
+    let bin = profile_dir.join(format!("natterd{}", std::env::consts::EXE_SUFFIX));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let target_dir = profile_dir.parent().expect("target directory");
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "natter-server",
+        "--bin",
+        "natterd",
+    ])
+    .env("CARGO_TARGET_DIR", target_dir);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    // Always asked: cargo returns at once when the binary is up to date, and rebuilds a stale one.
+    let status = cmd.status().expect("run cargo build for natterd");
+    assert!(status.success(), "building natterd failed");
+    assert!(bin.exists(), "natterd not found at {}", bin.display());
+    bin
+}
+
+/// A real `natterd` process on 127.0.0.1 (its own data directory, file SMS gateway), which a test can
+/// kill with SIGKILL and start again on the same port and data directory.
+pub struct NatterdProcess {
+    child: Option<std::process::Child>,
+    bin: PathBuf,
+    dir: TempDir,
+    addr: SocketAddr,
+    extra_args: Vec<String>,
+}
+
+impl std::fmt::Debug for NatterdProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatterdProcess")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl NatterdProcess {
+    /// Starts natterd on a free loopback port with a fresh data directory; `extra_args` are passed to
+    /// every start.
+    pub fn start(extra_args: &[&str]) -> NatterdProcess {
+        init_logging();
+        let bin = natterd_binary();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut p = NatterdProcess {
+            child: None,
+            bin,
+            dir,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        p.spawn();
+        p
+    }
+
+    /// `host:port` to give clients.
+    pub fn addr(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The file the SMS gateway writes to.
+    pub fn sms_log(&self) -> PathBuf {
+        self.dir.path().join("sms.log")
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Kills the process with SIGKILL (no shutdown of any kind) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the process again on the same port and data directory (after [`NatterdProcess::kill`]).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Starts natterd and waits until it listens; the first start picks the port.
+    fn spawn(&mut self) {
+        use std::io::BufRead;
+        let mut last = String::new();
+        for _ in 0..50 {
+            let mut child = std::process::Command::new(&self.bin)
+                .arg("--data")
+                .arg(self.data_dir())
+                .arg("--listen")
+                .arg(self.addr.to_string())
+                .arg("--http-listen")
+                .arg("127.0.0.1:0")
+                .arg("--sms-gateway")
+                .arg(format!("file:{}", self.sms_log().display()))
+                .args(&self.extra_args)
+                .env("NATTERD_LOG", "warn")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn natterd");
+            let stderr = child.stderr.take().expect("stderr");
+            let mut lines = std::io::BufReader::new(stderr).lines();
+            let mut listening = None;
+            for line in lines.by_ref() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix("natterd listening on ") {
+                    listening = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+                    break;
+                }
+                last = line;
+            }
+            match listening {
+                Some(addr) => {
+                    // Keep draining stderr so natterd never blocks on a full pipe.
+                    std::thread::spawn(move || for _ in lines {});
+                    self.addr = addr;
+                    self.child = Some(child);
+                    return;
+                }
+                None => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        panic!("natterd did not start: {last}");
+    }
+}
+
+impl Drop for NatterdProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The last code sent to `phone` in an SMS log file.
+pub fn last_code_in(sms_log: &Path, phone: &str) -> Option<String> {
+    let text = std::fs::read_to_string(sms_log).ok()?;
+    text.lines()
+        .rev()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(p, _)| *p == phone)
+        .map(|(_, c)| c.to_owned())
+}
+
+impl TestClient {
+    /// Registers `phone` on the natterd at `addr` whose SMS gateway writes to `sms_log`, not connected.
+    pub async fn register_at(addr: &str, sms_log: &Path, phone: &str) -> TestClient {
+        let home = tempfile::tempdir().expect("temp home");
+        let client = Client::open(home.path()).await.expect("open home");
+        client.set_server(addr).await.expect("server");
+        let phone = PhoneNumber::parse(phone).expect("phone");
+        client.register(&phone).await.expect("register");
+        let code = last_code_in(sms_log, phone.as_str()).expect("code in sms log");
+        client.verify(&code).await.expect("verify");
+        TestClient {
+            client,
+            phone,
+            home,
+        }
     }
 }
