@@ -79,6 +79,9 @@ impl Link {
         hs.write_record(&[], &mut out)?;
         stream.write_all(&out).await?;
         let second = read_record(&mut stream, &mut reader).await?;
+        if let Some(e) = natter_proto::noise::parse_refusal(&second) {
+            anyhow::bail!("natterd refused the connection: {}", e.message);
+        }
         hs.read_record(&second)?;
         out.clear();
         hs.write_record(&[], &mut out)?;

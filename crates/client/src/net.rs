@@ -90,6 +90,10 @@ impl Connection {
         hs.write_record(&[], &mut out)?;
         stream.write_all(&out).await.map_err(io)?;
         let second = read_record(&mut stream, &mut reader).await?;
+        if let Some(refusal) = natter_proto::noise::parse_refusal(&second) {
+            // Too many connections or handshakes from this address: the server's reason, typed.
+            return Err(refusal.into());
+        }
         hs.read_record(&second)?;
         let offered = hs.remote_static().ok_or(ProtoError::Noise)?;
         if let Some(pinned) = opts.pinned_server_key

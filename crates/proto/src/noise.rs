@@ -117,6 +117,46 @@ impl RecordReader {
     }
 }
 
+/// First bytes of a refusal record (see [`refusal_record`]). A real second handshake message starts
+/// with the server's fresh ephemeral key, so it cannot be mistaken for one.
+pub const REFUSAL_MAGIC: &[u8; 16] = b"natter/refused/1";
+/// Largest refusal record body (magic and encoded error).
+const MAX_REFUSAL: usize = REFUSAL_MAGIC.len() + 2 * crate::limits::MAX_SHORT_TEXT;
+
+/// A record the server sends *instead of* the second handshake message when it refuses a connection
+/// before doing any cryptography (too many connections or handshakes from one address, a handshake that
+/// took too long): the magic, then an encoded [`crate::wire::Error`]. It is not authenticated, like a
+/// TCP reset: a client only reports it and retries later, it never trusts it for anything else.
+pub fn refusal_record(error: &crate::wire::Error) -> Vec<u8> {
+    use prost::Message;
+    let mut error = error.clone();
+    error.mismatched.clear();
+    let mut cut = error.message.len().min(crate::limits::MAX_SHORT_TEXT);
+    while !error.message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    error.message.truncate(cut);
+    let body_len = REFUSAL_MAGIC.len() + error.encoded_len();
+    let mut out = Vec::with_capacity(RECORD_PREFIX + body_len);
+    out.extend_from_slice(&(body_len as u16).to_be_bytes());
+    out.extend_from_slice(REFUSAL_MAGIC);
+    error.encode_raw(&mut out);
+    out
+}
+
+/// The error in a refusal record (a record's Noise message as [`RecordReader::next_record`] returns it),
+/// or `None` if the record is not one.
+pub fn parse_refusal(record: &[u8]) -> Option<crate::wire::Error> {
+    use prost::Message;
+    let body = record.strip_prefix(REFUSAL_MAGIC.as_slice())?;
+    if record.len() > MAX_REFUSAL {
+        return None;
+    }
+    let mut e = crate::wire::Error::decode(body).ok()?;
+    e.mismatched.clear();
+    Some(e)
+}
+
 /// Which side of the handshake we are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -313,6 +353,33 @@ mod tests {
         s.read_record(&reader_s.next_record().unwrap()).unwrap();
         assert!(c.is_finished() && s.is_finished());
         (c.into_channel().unwrap(), s.into_channel().unwrap())
+    }
+
+    #[test]
+    fn refusal_records_round_trip_and_are_not_handshake_messages() {
+        let mut e = crate::wire::Error::new(crate::wire::ErrorCode::RateLimited, "é".repeat(400));
+        e.retry_after_ms = 1500;
+        let mut reader = RecordReader::new();
+        reader.push(&refusal_record(&e));
+        let rec = reader.next_record().unwrap();
+        let back = parse_refusal(&rec).unwrap();
+        assert_eq!(back.code, e.code);
+        assert_eq!(back.retry_after_ms, 1500);
+        assert!(
+            back.message.len() <= crate::limits::MAX_SHORT_TEXT && back.message.starts_with('é')
+        );
+
+        // A real second handshake message is not a refusal.
+        let server = StaticKeypair::generate().unwrap();
+        let client = StaticKeypair::generate().unwrap();
+        let mut c = Handshake::new(Role::Initiator, &client).unwrap();
+        let mut s = Handshake::new(Role::Responder, &server).unwrap();
+        let mut wire = Vec::new();
+        c.write_record(&[], &mut wire).unwrap();
+        s.read_record(&wire[RECORD_PREFIX..]).unwrap();
+        wire.clear();
+        s.write_record(&[], &mut wire).unwrap();
+        assert!(parse_refusal(&wire[RECORD_PREFIX..]).is_none());
     }
 
     #[test]

@@ -33,6 +33,48 @@ pub struct ServerConfig {
     pub http_listen: Option<SocketAddr>,
     /// Bytes of unexpired blobs one account may have. Default 10 GiB.
     pub media_quota_bytes: u64,
+    /// Limits against abuse of the network edge and the queues.
+    pub abuse: AbuseLimits,
+}
+
+/// Limits against abuse: per client IP, per account, per device and per connection. Each refusal reaches
+/// the client as a typed error ([`natter_proto::wire::ErrorCode`]). A rate of 0 disables that limit.
+#[derive(Clone, Debug)]
+pub struct AbuseLimits {
+    /// Simultaneous connections from one IP address. Default 1,000 (carrier NAT puts many phones behind
+    /// one address).
+    pub max_connections_per_ip: usize,
+    /// New connections (each costs a Noise handshake) one IP address may open per second, sustained.
+    /// Default 100.
+    pub handshakes_per_ip_per_s: u32,
+    /// Handshakes one IP address may open at once before the rate applies. Default 1,000.
+    pub handshake_burst: u32,
+    /// Time allowed for the Noise handshake and the hello (slow-handshake defence). Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Bytes of ciphertext queued for one device beyond which sends to it are refused. Default 256 MiB.
+    pub max_queued_bytes_per_device: u64,
+    /// Messages one account may send per second, sustained (over all its devices). Default 200.
+    pub sends_per_account_per_s: u32,
+    /// Messages one account may send at once before the rate applies. Default 2,000.
+    pub send_burst: u32,
+    /// Envelopes pushed to one connection and not yet acknowledged; beyond it the server waits for
+    /// acknowledgements. Default 512.
+    pub max_unacked_pushes: usize,
+}
+
+impl Default for AbuseLimits {
+    fn default() -> Self {
+        Self {
+            max_connections_per_ip: 1_000,
+            handshakes_per_ip_per_s: 100,
+            handshake_burst: 1_000,
+            handshake_timeout: limits::HANDSHAKE_TIMEOUT,
+            max_queued_bytes_per_device: 256 * 1024 * 1024,
+            sends_per_account_per_s: 200,
+            send_burst: 2_000,
+            max_unacked_pushes: limits::MAX_UNACKED_PUSHES,
+        }
+    }
 }
 
 /// Limits on registration, against abuse of SMS and guessing of codes.
@@ -80,6 +122,7 @@ impl ServerConfig {
             companion_logout_after: Duration::from_secs(14 * 24 * 3600),
             http_listen: None,
             media_quota_bytes: 10 * 1024 * 1024 * 1024,
+            abuse: AbuseLimits::default(),
         }
     }
 }

@@ -41,6 +41,53 @@ struct Args {
     /// Storage quota per account for media blobs, in MiB.
     #[arg(long, default_value_t = 10 * 1024)]
     media_quota_mib: u64,
+    /// Abuse limits.
+    #[command(flatten)]
+    abuse: AbuseArgs,
+}
+
+/// Abuse limits (see natter_server::config::AbuseLimits); a rate of 0 disables that limit.
+#[derive(clap::Args, Debug)]
+struct AbuseArgs {
+    /// Simultaneous connections from one IP address.
+    #[arg(long, default_value_t = 1_000)]
+    max_connections_per_ip: usize,
+    /// New connections (Noise handshakes) one IP address may open per second.
+    #[arg(long, default_value_t = 100)]
+    handshakes_per_ip_per_s: u32,
+    /// New connections one IP address may open at once before the per-second rate applies.
+    #[arg(long, default_value_t = 1_000)]
+    handshake_burst: u32,
+    /// Time allowed for the Noise handshake and the hello, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    handshake_timeout_ms: u64,
+    /// Ciphertext queued for one device beyond which sends to it are refused, in MiB.
+    #[arg(long, default_value_t = 256)]
+    max_queued_mib_per_device: u64,
+    /// Messages one account may send per second.
+    #[arg(long, default_value_t = 200)]
+    sends_per_account_per_s: u32,
+    /// Messages one account may send at once before the per-second rate applies.
+    #[arg(long, default_value_t = 2_000)]
+    send_burst: u32,
+    /// Envelopes pushed to one connection and not yet acknowledged.
+    #[arg(long, default_value_t = 512)]
+    max_unacked_pushes: usize,
+}
+
+impl AbuseArgs {
+    fn apply(&self, limits: &mut natter_server::config::AbuseLimits) {
+        limits.max_connections_per_ip = self.max_connections_per_ip.max(1);
+        limits.handshakes_per_ip_per_s = self.handshakes_per_ip_per_s;
+        limits.handshake_burst = self.handshake_burst;
+        limits.handshake_timeout =
+            std::time::Duration::from_millis(self.handshake_timeout_ms.max(100));
+        limits.max_queued_bytes_per_device =
+            self.max_queued_mib_per_device.saturating_mul(1024 * 1024);
+        limits.sends_per_account_per_s = self.sends_per_account_per_s;
+        limits.send_burst = self.send_burst;
+        limits.max_unacked_pushes = self.max_unacked_pushes.max(1);
+    }
 }
 
 #[tokio::main]
@@ -64,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
         std::time::Duration::from_secs(args.companion_logout_days.max(1) * 24 * 3600);
     config.http_listen = Some(args.http_listen);
     config.media_quota_bytes = args.media_quota_mib.saturating_mul(1024 * 1024);
+    args.abuse.apply(&mut config.abuse);
     let server = Server::start(config)
         .await
         .with_context(|| format!("starting natterd in {}", args.data.display()))?;

@@ -66,6 +66,8 @@ pub struct ServerState {
     pub media: Arc<crate::media::Media>,
     /// The configuration it runs with.
     pub config: ServerConfig,
+    /// Abuse limits and their counters.
+    pub limits: Arc<crate::transport::limits::EdgeLimits>,
     next_conn_id: AtomicU64,
 }
 
@@ -212,6 +214,9 @@ impl Server {
             watchers: Default::default(),
             device_cache: Default::default(),
             noise_key,
+            limits: Arc::new(crate::transport::limits::EdgeLimits::new(
+                config.abuse.clone(),
+            )),
             config,
             next_conn_id: AtomicU64::new(1),
         });

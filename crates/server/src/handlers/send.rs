@@ -133,6 +133,24 @@ pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::
         return Err(e);
     }
 
+    // A device that does not take its mail (offline for long, or flooded) stops receiving more.
+    let limits = &ctx.state.limits;
+    for env in &envelopes {
+        limits
+            .check_queue(
+                &**store,
+                &env.phone,
+                env.device_id,
+                env.ciphertext.len() as u64,
+            )
+            .await
+            .map_err(store_error)??;
+    }
+    let sizes: Vec<(PhoneNumber, DeviceId, u64)> = envelopes
+        .iter()
+        .map(|e| (e.phone.clone(), e.device_id, e.ciphertext.len() as u64))
+        .collect();
+
     let now = crate::now_ms();
     let outcome = store
         .enqueue(NewMessage {
@@ -148,6 +166,9 @@ pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::
         .map_err(store_error)?;
     match outcome {
         EnqueueOutcome::Stored(queued) => {
+            for (phone, device, bytes) in &sizes {
+                limits.queued(phone, *device, *bytes);
+            }
             for env in queued {
                 ctx.state.router.deliver(env);
             }

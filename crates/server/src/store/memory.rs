@@ -414,6 +414,16 @@ impl Store for MemoryStore {
         Ok(EnqueueOutcome::Stored(stored))
     }
 
+    async fn queued_bytes(&self, phone: &PhoneNumber, device_id: DeviceId) -> StoreResult<u64> {
+        let inner = self.lock()?;
+        Ok(inner.device(phone, device_id).map_or(0, |d| {
+            d.queue
+                .values()
+                .map(|q| q.envelope.ciphertext.len() as u64)
+                .sum()
+        }))
+    }
+
     async fn load_queue(
         &self,
         phone: &PhoneNumber,

@@ -340,6 +340,8 @@ pub trait Store: Send + Sync + 'static {
         after_seq: u64,
         limit: usize,
     ) -> StoreResult<Vec<QueuedEnvelope>>;
+    /// Bytes of ciphertext queued for a device (0 for an unknown device).
+    async fn queued_bytes(&self, phone: &PhoneNumber, device_id: DeviceId) -> StoreResult<u64>;
     /// Deletes acknowledged envelopes. Ids that are not (or no longer) in this device's queue are ignored,
     /// so a device can never delete another device's mail.
     async fn ack(&self, phone: &PhoneNumber, device_id: DeviceId, seqs: &[u64]) -> StoreResult<()>;

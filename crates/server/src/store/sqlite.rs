@@ -1267,6 +1267,18 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn queued_bytes(&self, phone: &PhoneNumber, device_id: DeviceId) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(length(ciphertext)), 0) FROM queue WHERE phone = ?1 AND device_id = ?2",
+        )
+        .bind(phone.as_str())
+        .bind(dev(device_id))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     async fn load_queue(
         &self,
         phone: &PhoneNumber,

@@ -682,6 +682,10 @@ async fn ack(s: &dyn Store) {
             .unwrap(),
     );
 
+    assert_eq!(s.queued_bytes(&b, me).await.unwrap(), 3);
+    assert_eq!(s.queued_bytes(&a, me).await.unwrap(), 1);
+    assert_eq!(s.queued_bytes(&phone(3), me).await.unwrap(), 0);
+
     // A tries to ack B's mail: ignored.
     s.ack(&a, me, &seqs(&to_b)).await.unwrap();
     s.ack(&b, dev(2), &seqs(&to_b)).await.unwrap();
@@ -698,6 +702,7 @@ async fn ack(s: &dyn Store) {
     .unwrap();
     assert_eq!(queue_of(s, &b).await, vec![to_b[1].clone()]);
     assert_eq!(queue_of(s, &a).await, to_a, "A's mail survives B's ack");
+    assert_eq!(s.queued_bytes(&b, me).await.unwrap(), 1);
     s.ack(&b, me, &[to_b[0].seq]).await.unwrap(); // again: nothing to do
     s.ack(&b, me, &[]).await.unwrap();
 

@@ -8,9 +8,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use natter_proto::limits::{
-    HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, MAX_INFLIGHT_REQUESTS, MAX_UNACKED_PUSHES, ONE_TIME_KEYS_LOW,
-};
+use natter_proto::limits::{IDLE_TIMEOUT, MAX_INFLIGHT_REQUESTS, ONE_TIME_KEYS_LOW};
 use natter_proto::noise::{Handshake, RecordReader, Role, SecureChannel};
 use natter_proto::wire::{
     self, ClientHello, DeviceRemoved, Envelope, Error, ErrorCode, Frame, KeysLow, Ping, Push,
@@ -62,7 +60,9 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
-    let opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, open(&state, &mut stream)).await;
+    let timeout = state.config.abuse.handshake_timeout;
+    let mut answered = false;
+    let opened = tokio::time::timeout(timeout, open(&state, &mut stream, &mut answered)).await;
     let (channel, reader, hello) = match opened {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
@@ -71,6 +71,17 @@ pub async fn serve(
         }
         Err(_) => {
             tracing::debug!("handshake timed out");
+            if !answered {
+                // Still before our handshake message: the client can read a refusal.
+                let e = Error::new(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "the handshake took too long (it must complete within {} ms)",
+                        timeout.as_millis()
+                    ),
+                );
+                refuse(stream, &e).await;
+            }
             return;
         }
     };
@@ -101,10 +112,31 @@ pub async fn serve(
     conn.finish();
 }
 
-/// Noise handshake (XX, responder) and the client's hello frame.
+/// How long a refused connection is kept open for the client to read the refusal.
+const REFUSAL_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Sends a refusal record ([`natter_proto::noise::refusal_record`]) instead of a handshake and closes.
+/// What the client sent is read and dropped until it closes (at most [`REFUSAL_LINGER`]), so that the
+/// close is not a reset that could destroy the refusal before the client reads it.
+pub async fn refuse(mut stream: TcpStream, error: &Error) {
+    use tokio::io::AsyncReadExt;
+    let record = natter_proto::noise::refusal_record(error);
+    let linger = async {
+        stream.write_all(&record).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 512];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, linger).await;
+}
+
+/// Noise handshake (XX, responder) and the client's hello frame. `answered` turns true once the
+/// server's handshake message is written.
 async fn open(
     state: &ServerState,
     stream: &mut TcpStream,
+    answered: &mut bool,
 ) -> Result<(SecureChannel, RecordReader, ClientHello), ConnError> {
     let mut reader = RecordReader::new();
     let mut hs = Handshake::new(Role::Responder, &state.noise_key)?;
@@ -112,6 +144,7 @@ async fn open(
     hs.read_record(&first)?;
     let mut out = Vec::new();
     hs.write_record(&[], &mut out)?;
+    *answered = true;
     stream.write_all(&out).await?;
     let third = read_record(stream, &mut reader).await?;
     hs.read_record(&third)?;
@@ -265,7 +298,7 @@ impl Conn {
             }
             if let Some(from) = self.resync_from
                 && !self.closing
-                && self.inflight.len() < MAX_UNACKED_PUSHES
+                && self.inflight.len() < self.state.config.abuse.max_unacked_pushes
             {
                 self.resync(from).await?;
                 continue;
@@ -387,6 +420,15 @@ impl Conn {
             }
             return Ok(());
         }
+        if let (Some(request::Body::SendMessage(_)), Some(login)) = (&req.body, &self.login)
+            && let Err(e) = self.state.limits.take_send(&login.phone)
+        {
+            self.pending
+                .push(Frame::new(frame::Body::Response(handlers::error_response(
+                    req.id, e,
+                ))));
+            return Ok(());
+        }
         if self.requests >= MAX_INFLIGHT_REQUESTS {
             let e = Error::new(
                 ErrorCode::LimitExceeded,
@@ -431,7 +473,7 @@ impl Conn {
                 if env.seq <= self.loaded_upto || self.inflight.contains(&env.seq) {
                     return Ok(());
                 }
-                if self.inflight.len() >= MAX_UNACKED_PUSHES {
+                if self.inflight.len() >= self.state.config.abuse.max_unacked_pushes {
                     self.mark_resync(env.seq);
                 } else {
                     self.push_envelope(&env);
@@ -489,7 +531,7 @@ impl Conn {
                 if self.inflight.contains(&env.seq) {
                     continue;
                 }
-                if self.inflight.len() >= MAX_UNACKED_PUSHES {
+                if self.inflight.len() >= self.state.config.abuse.max_unacked_pushes {
                     self.mark_resync(env.seq);
                     return Ok(());
                 }

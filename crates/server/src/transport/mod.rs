@@ -3,6 +3,7 @@
 
 pub mod connection;
 mod io;
+pub mod limits;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,11 +47,26 @@ pub async fn run(
         };
         let id = state.next_conn_id();
         let span = tracing::debug_span!("conn", id);
+        let slot = match state.limits.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                tracing::debug!(peer = %peer.ip(), reason = %refusal.message, "connection refused");
+                conns.spawn(
+                    async move {
+                        connection::refuse(stream, &refusal).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+                continue;
+            }
+        };
         let state = state.clone();
         let shutdown = shutdown.clone();
         conns.spawn(
             async move {
                 connection::serve(state, stream, peer, shutdown).await;
+                drop(slot);
                 drop(permit);
             }
             .instrument(span),
