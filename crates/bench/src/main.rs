@@ -18,6 +18,7 @@ mod idle;
 mod pairs;
 mod report;
 mod stats;
+mod xmpp;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -67,6 +68,27 @@ struct Common {
     /// Tokio worker threads (default: the CPUs this process may run on).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Which server protocol to speak: natter (natterd) or xmpp (e.g. ejabberd; `pairs` only).
+    #[arg(long, global = true, default_value = "natter")]
+    protocol: Protocol,
+    /// XMPP: the server's domain.
+    #[arg(long, global = true, default_value = "localhost")]
+    xmpp_domain: String,
+    /// XMPP: users are PREFIX0, PREFIX1, … (registered beforehand).
+    #[arg(long, global = true, default_value = "bench")]
+    xmpp_user_prefix: String,
+    /// XMPP: every user's password.
+    #[arg(long, global = true, default_value = "bench")]
+    xmpp_password: String,
+}
+
+/// The protocol adapter.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    /// natterd's own protocol (Noise, login, Olm).
+    Natter,
+    /// Minimal XMPP: SASL PLAIN, bind, presence, chat messages.
+    Xmpp,
 }
 
 #[derive(Subcommand, Debug)]
@@ -150,6 +172,48 @@ async fn run(cli: Cli) -> Result<()> {
     let c = &cli.common;
     check_loopback(&c.server).await?;
     let server = c.server_pid.map(Proc::new).transpose()?;
+    if c.protocol == Protocol::Xmpp {
+        let Scenario::Pairs {
+            pairs,
+            messages,
+            rate,
+            text_bytes,
+            ..
+        } = cli.scenario
+        else {
+            bail!("--protocol xmpp runs the pairs scenario only");
+        };
+        let Some(rate) = rate.filter(|r| r.is_finite() && *r > 0.0) else {
+            bail!("--protocol xmpp needs --rate (open loop)");
+        };
+        let summary = xmpp::pairs(
+            &c.server,
+            xmpp::XmppAccounts {
+                domain: c.xmpp_domain.clone(),
+                prefix: c.xmpp_user_prefix.clone(),
+                password: c.xmpp_password.clone(),
+            },
+            xmpp::XmppPairsOptions {
+                pairs,
+                messages,
+                rate,
+                text_bytes,
+                concurrency: c.register_concurrency,
+                timeout: Duration::from_secs(c.timeout),
+                server,
+            },
+        )
+        .await?;
+        println!(
+            "{}",
+            if c.json {
+                summary.json()
+            } else {
+                summary.line()
+            }
+        );
+        return Ok(());
+    }
     let sms = Arc::new(SmsLog::open(&c.sms_log)?);
     let timeout = Duration::from_secs(c.timeout);
     let load_before = stats::loadavg_1m();
