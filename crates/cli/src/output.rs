@@ -173,6 +173,8 @@ impl Printer {
                         "muted_until": if muted { json!(c.muted_until_ms) } else { serde_json::Value::Null },
                         "archived": c.archived,
                         "unread": c.unread,
+                        "messages": c.messages,
+                        "last_message": if c.messages > 0 { json!(c.last_message_ms) } else { serde_json::Value::Null },
                     })
                 );
             } else {
@@ -188,6 +190,13 @@ impl Printer {
                 }
                 if c.unread > 0 {
                     flags.push(format!("{} unread", c.unread));
+                }
+                if c.messages > 0 {
+                    flags.push(format!(
+                        "{} message{}",
+                        c.messages,
+                        if c.messages == 1 { "" } else { "s" }
+                    ));
                 }
                 say!("{}  {}", c.chat, flags.join(", "));
             }

@@ -194,3 +194,106 @@ async fn link_a_laptop_by_qr_png_list_devices_and_compare_safety_numbers() {
     tablet_run.kill().await.unwrap();
     assert_eq!(device_ids(alice.path()).await.len(), 2);
 }
+
+/// The JSON lines of a successful `natter --json ARGS...`.
+async fn json_of(home: &Path, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let r = run(home, &all).await;
+    ok(&r, &args.join(" "));
+    json_lines(&r.stdout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_state_commands_on_one_device_show_on_the_other() {
+    let server = TestServer::start().await;
+    let alice = tempfile::tempdir().unwrap();
+    let bob = tempfile::tempdir().unwrap();
+    let laptop = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    register(&server, alice.path(), ALICE).await;
+    register(&server, bob.path(), BOB).await;
+    let sent = json_of(alice.path(), &["send", BOB, "lunch?"]).await;
+    let id = sent[0]["id"].as_str().unwrap().to_owned();
+
+    let png = files.path().join("laptop.png");
+    let laptop_run = companion(&server, laptop.path(), &png, "laptop").await;
+    ok(
+        &run(alice.path(), &["link", &png.display().to_string(), "--yes"]).await,
+        "link --yes",
+    );
+    let out = tokio::time::timeout(WAIT, laptop_run.wait_with_output())
+        .await
+        .expect("link-companion ends once linked")
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    // Changes on the laptop...
+    for args in [
+        &["contact", "set-name", BOB, "Bob", "(work)"][..],
+        &["pin", BOB],
+        &["mute", BOB, "--for", "8h"],
+        &["star", &id],
+    ] {
+        let mut tries = 0;
+        loop {
+            // The sync key reaches a new companion over Olm shortly after linking.
+            let r = run(laptop.path(), args).await;
+            if r.code == 0 {
+                break;
+            }
+            tries += 1;
+            assert!(
+                tries < 50 && r.stderr.contains("sync key"),
+                "{args:?}: {:?}",
+                r.stderr
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // ...and on the phone.
+    ok(&run(alice.path(), &["archive", BOB]).await, "archive");
+
+    // Every device shows the same.
+    for home in [alice.path(), laptop.path()] {
+        let contacts = json_of(home, &["contacts"]).await;
+        assert!(
+            contacts
+                .iter()
+                .any(|c| c["number"] == BOB && c["name"] == "Bob (work)"),
+            "{contacts:?}"
+        );
+        let chats = json_of(home, &["chats"]).await;
+        let chat = chats.iter().find(|c| c["chat"] == BOB).expect("bob's chat");
+        assert_eq!(chat["pinned"], true, "{chat}");
+        assert_eq!(chat["muted"], true, "{chat}");
+        assert_eq!(chat["archived"], true, "{chat}");
+        assert_eq!(chat["messages"], 1, "{chat}");
+        let history = json_of(home, &["history", BOB]).await;
+        let m = history.iter().find(|m| m["id"] == id.as_str()).unwrap();
+        assert_eq!(m["starred"], true, "{m}");
+    }
+
+    // Undone on the phone, undone everywhere.
+    ok(
+        &run(alice.path(), &["pin", BOB, "--off"]).await,
+        "pin --off",
+    );
+    ok(
+        &run(alice.path(), &["mute", BOB, "--off"]).await,
+        "mute --off",
+    );
+    let chats = json_of(laptop.path(), &["chats"]).await;
+    let chat = chats.iter().find(|c| c["chat"] == BOB).unwrap();
+    assert_eq!(
+        (&chat["pinned"], &chat["muted"]),
+        (&Value::Bool(false), &Value::Bool(false))
+    );
+
+    // Bad input: a clear error, nothing changed.
+    let r = run(alice.path(), &["mute", BOB, "--for", "forever"]).await;
+    assert_ne!(r.code, 0);
+    assert!(!r.stderr.is_empty());
+    let r = run(alice.path(), &["star", "not-an-id"]).await;
+    assert_ne!(r.code, 0);
+}

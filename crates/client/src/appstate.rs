@@ -8,7 +8,8 @@
 //! a gap, a repeat, a forged or altered value or a reordered patch makes it refuse the whole fetched
 //! state, keep its last verified one, emit [`Event::AppStateError`] and ask the primary
 //! ([`AppStateRecovery`]) to upload a fresh verified snapshot. Last writer (by server order) wins per
-//! index. The local state and the keys are kept as settings encrypted with the store cipher.
+//! index. The local state and the keys are kept as account values (deleted by a wipe), encrypted with the
+//! store cipher.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -28,7 +29,7 @@ use crate::error::{ClientError, Result};
 use crate::events::Event;
 use crate::messaging::{CONNECTION_WAIT, outbox_entry};
 use crate::net::Connection;
-use crate::store::{Changes, MessageKind};
+use crate::store::Changes;
 
 /// Contact names: index = E.164 number, value = name.
 pub const CONTACTS: &str = "contacts";
@@ -41,7 +42,7 @@ pub const MESSAGE_FLAGS: &str = "message_flags";
 pub const COLLECTIONS: [&str; 3] = [CONTACTS, CHAT_SETTINGS, MESSAGE_FLAGS];
 /// A snapshot is uploaded with every patch whose version is a multiple of this.
 pub const SNAPSHOT_EVERY: u64 = 50;
-const KEYS_SETTING: &str = "appstate/keys";
+const KEYS_VALUE: &str = "appstate/keys";
 const MAX_PUSH_ATTEMPTS: usize = 8;
 
 /// One live record of a collection.
@@ -106,6 +107,10 @@ pub struct ChatSettings {
     pub read_up_to_ms: u64,
     /// Incoming messages not yet shown and newer than the read marker.
     pub unread: u32,
+    /// Messages this device holds in the chat.
+    pub messages: u64,
+    /// The newest message's time (ms since epoch; 0 without messages).
+    pub last_message_ms: u64,
 }
 
 /// Why a fetched state was refused.
@@ -127,7 +132,7 @@ impl Client {
     }
 
     async fn load_keys(&self) -> Result<Vec<AppStateKey>> {
-        let Some(sealed) = self.inner.store.setting(KEYS_SETTING).await? else {
+        let Some(sealed) = self.inner.store.value(KEYS_VALUE).await? else {
             return Ok(Vec::new());
         };
         let plain = self.inner.cipher.decrypt(b"appstate-keys", &sealed)?;
@@ -136,7 +141,7 @@ impl Client {
             .keys)
     }
 
-    fn keys_setting(&self, keys: &[AppStateKey]) -> (String, Option<Vec<u8>>) {
+    fn keys_value(&self, keys: &[AppStateKey]) -> (String, Option<Vec<u8>>) {
         let plain = zeroize::Zeroizing::new(
             AppStateKeyShare {
                 keys: keys.to_vec(),
@@ -144,7 +149,7 @@ impl Client {
             .encode_to_vec(),
         );
         (
-            KEYS_SETTING.to_owned(),
+            KEYS_VALUE.to_owned(),
             Some(self.inner.cipher.encrypt(b"appstate-keys", &plain)),
         )
     }
@@ -153,7 +158,7 @@ impl Client {
         self.inner
             .store
             .save_changes(Changes {
-                settings: vec![self.keys_setting(keys)],
+                values: vec![self.keys_value(keys)],
                 ..Changes::default()
             })
             .await?;
@@ -177,7 +182,7 @@ impl Client {
         let Some(sealed) = self
             .inner
             .store
-            .setting(&format!("appstate/state/{collection}"))
+            .value(&format!("appstate/state/{collection}"))
             .await?
         else {
             return Ok(State::default());
@@ -203,7 +208,7 @@ impl Client {
         Ok(state)
     }
 
-    fn state_setting(&self, collection: &str, state: &State) -> (String, Option<Vec<u8>>) {
+    fn state_value(&self, collection: &str, state: &State) -> (String, Option<Vec<u8>>) {
         let stored = StoredState {
             version: state.version,
             lthash: state.lthash.0.to_vec(),
@@ -386,7 +391,7 @@ impl Client {
             Ok(()) => {
                 if state.version != local.version {
                     let mut changes = Changes {
-                        settings: vec![self.state_setting(collection, &state)],
+                        values: vec![self.state_value(collection, &state)],
                         ..Changes::default()
                     };
                     if collection == CHAT_SETTINGS {
@@ -608,7 +613,7 @@ impl Client {
                 self.inner
                     .store
                     .save_changes(Changes {
-                        settings: vec![self.state_setting(collection, &new)],
+                        values: vec![self.state_value(collection, &new)],
                         ..Changes::default()
                     })
                     .await?;
@@ -880,7 +885,8 @@ impl Client {
             .map(|(_, v)| String::from_utf8_lossy(&v).into_owned()))
     }
 
-    /// Chats with settings or unread messages, pinned first.
+    /// Every chat: those holding messages and those with synced settings, pinned first, then the most
+    /// recent first.
     pub async fn chats(&self) -> Result<Vec<ChatSettings>> {
         let mut out: BTreeMap<String, ChatSettings> = BTreeMap::new();
         for (i, v) in self.records(CHAT_SETTINGS).await? {
@@ -900,22 +906,36 @@ impl Client {
                 _ => {}
             }
         }
-        for m in self.inner.store.unshown().await? {
+        for c in self.inner.store.chats().await? {
             let e = out
-                .entry(m.chat.as_str().to_owned())
+                .entry(c.chat.as_str().to_owned())
                 .or_insert_with(|| ChatSettings {
-                    chat: m.chat.as_str().to_owned(),
+                    chat: c.chat.as_str().to_owned(),
                     ..ChatSettings::default()
                 });
-            if !m.from_me
-                && matches!(m.kind, MessageKind::Text | MessageKind::Media)
-                && m.server_ts_ms > e.read_up_to_ms
-            {
-                e.unread += 1;
+            e.messages = c.messages;
+            e.last_message_ms = c.last_ms;
+        }
+        for e in out.values_mut() {
+            if e.messages == 0 {
+                continue;
+            }
+            if let Ok(chat) = PhoneNumber::from_e164(&e.chat) {
+                let n = self
+                    .inner
+                    .store
+                    .unread_after(&chat, e.read_up_to_ms)
+                    .await?;
+                e.unread = u32::try_from(n).unwrap_or(u32::MAX);
             }
         }
         let mut list: Vec<ChatSettings> = out.into_values().collect();
-        list.sort_by_key(|c| (!c.pinned, c.chat.clone()));
+        list.sort_by(|a, b| {
+            b.pinned
+                .cmp(&a.pinned)
+                .then_with(|| b.last_message_ms.cmp(&a.last_message_ms))
+                .then_with(|| a.chat.cmp(&b.chat))
+        });
         Ok(list)
     }
 

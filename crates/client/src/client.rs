@@ -98,6 +98,8 @@ pub(crate) struct Inner {
     pub(crate) crypto: tokio::sync::Mutex<()>,
     /// Serialises outbox deliveries so that messages leave in order.
     pub(crate) sending: tokio::sync::Mutex<()>,
+    /// Held while history jobs run, so that they run one at a time.
+    pub(crate) history_jobs: tokio::sync::Mutex<()>,
     /// Serialises app-state fetches and pushes.
     pub(crate) app_state: tokio::sync::Mutex<()>,
     /// App-state background work, aborted on disconnect.
@@ -213,6 +215,7 @@ impl Client {
             events,
             crypto: tokio::sync::Mutex::new(()),
             sending: tokio::sync::Mutex::new(()),
+            history_jobs: tokio::sync::Mutex::new(()),
             app_state: tokio::sync::Mutex::new(()),
             app_state_tasks: Mutex::new(tokio::task::JoinSet::new()),
             conn,
@@ -591,6 +594,7 @@ impl Client {
         self.inner.conn.send_replace(Some(conn.clone()));
         self.emit(Event::Connected);
         self.spawn_app_state_sync(None);
+        self.spawn_history_jobs();
         if identity.device_id == DeviceId::PRIMARY {
             // Companions may have left (or been logged out) while the phone was away.
             let client = self.background();

@@ -99,6 +99,12 @@ impl Client {
         });
         let mut notice = None;
         if changed {
+            let signed_at = list.content.timestamp_ms;
+            let changed_at = if signed_at > 0 {
+                signed_at.min(now)
+            } else {
+                now
+            };
             for d in 1..=natter_proto::limits::MAX_DEVICES_PER_ACCOUNT as u32 {
                 if let Ok(d) = DeviceId::new(d) {
                     changes.sessions_removed.push((phone.clone(), d));
@@ -114,8 +120,10 @@ impl Client {
                     "The safety number with {phone} changed: the number was registered again, on a new phone. \
                      Compare it in person before sharing anything sensitive."
                 ),
-                sent_at_ms: now,
-                server_ts_ms: now,
+                // Placed in the conversation when the new key's list was signed (the number's
+                // registration), so before anything the new phone sent.
+                sent_at_ms: changed_at,
+                server_ts_ms: changed_at,
                 status: MessageStatus::Received,
                 shown: false,
                 seq: 0,

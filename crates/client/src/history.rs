@@ -19,8 +19,8 @@
 //! A companion asks for older history of one chat with [`Client::request_older_history`]; the primary
 //! answers with chunks whose `chat` field names the chat.
 //!
-//! Targeting one own device reuses the resend path of the send request (`retry_of` set to the entry's
-//! own transport id, attempt 1), for which the server only checks that the device exists.
+//! A message to one's own account may go to any of its devices (the server checks only that they
+//! exist), so history and requests go to the one device concerned.
 
 use std::io::Read;
 use std::time::Duration;
@@ -87,13 +87,66 @@ pub struct HistorySent {
     pub delivered: bool,
 }
 
-/// History work found while processing envelopes, done after they are acknowledged.
-#[derive(Clone, Debug)]
+/// History work found while processing an envelope. It is saved (as an account value under
+/// [`JOB_PREFIX`]) in the same transaction that marks the envelope processed, so acknowledging the
+/// envelope loses nothing; jobs then run one at a time, in the order their envelopes reached the
+/// server, and each is removed in the transaction that completes it (or when it fails for good).
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) enum HistoryJob {
     /// Import a chunk sent by one of our devices.
     Import(Box<HistorySync>),
     /// Answer a companion's request for older history.
     Answer(DeviceId, HistoryRequest),
+}
+
+/// Key prefix of pending history jobs among the account values.
+const JOB_PREFIX: &str = "job/history/";
+
+impl HistoryJob {
+    /// The account value that records this job, found in envelope `env` (unique per envelope, ordered
+    /// by the server's time).
+    pub(crate) fn value(&self, env: &natter_proto::wire::Envelope) -> (String, Option<Vec<u8>>) {
+        let key = format!("{JOB_PREFIX}{:016x}/{:016x}", env.server_ts_ms, env.id);
+        let mut bytes = Vec::new();
+        match self {
+            HistoryJob::Import(sync) => {
+                bytes.extend_from_slice(&[1, 0]);
+                bytes.extend_from_slice(&0u32.to_be_bytes());
+                sync.encode(&mut bytes).unwrap_or_default();
+            }
+            HistoryJob::Answer(device, req) => {
+                bytes.extend_from_slice(&[2, 0]);
+                bytes.extend_from_slice(&device.get().to_be_bytes());
+                req.encode(&mut bytes).unwrap_or_default();
+            }
+        }
+        (key, Some(bytes))
+    }
+
+    /// Decodes a job saved by [`HistoryJob::value`], with the number of times it failed transiently.
+    fn decode(bytes: &[u8]) -> Option<(HistoryJob, u8)> {
+        let (&[kind, attempts], rest) = bytes.split_first_chunk::<2>()?;
+        let (device, body) = rest.split_at_checked(4)?;
+        let device = u32::from_be_bytes(device.try_into().ok()?);
+        let job = match kind {
+            1 => HistoryJob::Import(Box::new(HistorySync::decode(body).ok()?)),
+            2 => HistoryJob::Answer(
+                DeviceId::new(device).ok()?,
+                HistoryRequest::decode(body).ok()?,
+            ),
+            _ => return None,
+        };
+        Some((job, attempts))
+    }
+}
+
+/// How many transient failures a history job survives before it is given up (with an event).
+const JOB_ATTEMPTS: u8 = 8;
+
+/// Whether a job that failed with this error may succeed later (network, server busy), so it stays
+/// queued, or failed for good (verification, bad input), so it is dropped with an event.
+fn transient(e: &ClientError) -> bool {
+    e.is_transient() || matches!(e, ClientError::NoServer | ClientError::Store(_))
 }
 
 fn kind_name(k: MessageKind) -> &'static str {
@@ -374,39 +427,93 @@ impl Client {
         })
     }
 
-    /// Runs history jobs in the background, in order.
-    pub(crate) fn spawn_history_jobs(&self, jobs: Vec<HistoryJob>) {
-        if jobs.is_empty() {
-            return;
-        }
+    /// How many history jobs (chunks to import, requests to answer) wait on this device: a UI shows
+    /// "importing history…" while there are some.
+    pub async fn pending_history_jobs(&self) -> Result<usize> {
+        Ok(self.inner.store.values_with_prefix(JOB_PREFIX).await?.len())
+    }
+
+    /// Runs the pending history jobs in the background, one at a time and in order (after envelopes
+    /// that queued some were acknowledged, and after every login).
+    pub(crate) fn spawn_history_jobs(&self) {
         let client = self.background();
         tokio::spawn(async move {
-            for job in jobs {
-                match job {
-                    HistoryJob::Import(sync) => client.import_chunk(*sync).await,
-                    HistoryJob::Answer(device, req) => {
-                        if let Err(e) = client.answer_history_request(device, req).await {
-                            tracing::warn!(error = %e, "could not answer a history request");
-                        }
-                    }
-                }
+            if let Err(e) = client.run_history_jobs().await {
+                tracing::debug!(error = %e, "history jobs stopped; they resume at the next login");
             }
         });
     }
 
-    /// Imports one chunk; emits [`Event::HistoryImported`] or [`Event::HistoryFailed`].
-    async fn import_chunk(&self, sync: HistorySync) {
+    /// Runs every pending history job; a transient failure stops the run and keeps the job.
+    async fn run_history_jobs(&self) -> Result<()> {
+        let _one_at_a_time = self.inner.history_jobs.lock().await;
+        for (key, mut bytes) in self.inner.store.values_with_prefix(JOB_PREFIX).await? {
+            let done = (key.clone(), None);
+            let Some((job, attempts)) = HistoryJob::decode(&bytes) else {
+                tracing::warn!(key, "dropping an unreadable history job");
+                self.save_job(done).await?;
+                continue;
+            };
+            let last_try = attempts + 1 >= JOB_ATTEMPTS;
+            let result = match job {
+                HistoryJob::Import(sync) => self.import_chunk(*sync, done.clone(), last_try).await,
+                HistoryJob::Answer(device, req) => {
+                    match self.answer_history_request(device, req).await {
+                        Err(e) if !transient(&e) || last_try => {
+                            tracing::warn!(error = %e, "could not answer a history request");
+                            self.save_job(done).await
+                        }
+                        Ok(()) => self.save_job(done).await,
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            if let Err(e) = result {
+                // Transient: count the attempt, keep the job (and the order) for the next run.
+                if let Some(count) = bytes.get_mut(1) {
+                    *count = attempts + 1;
+                }
+                self.save_job((key, Some(bytes))).await?;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Saves a job's removal (`None`) or its new value.
+    async fn save_job(&self, done: (String, Option<Vec<u8>>)) -> Result<()> {
+        self.inner
+            .store
+            .save_changes(Changes {
+                values: vec![done],
+                ..Changes::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Imports one chunk; emits [`Event::HistoryImported`] or [`Event::HistoryFailed`]. The job's
+    /// removal (`done`) is saved with the chunk, or alone when the chunk is refused for good; a
+    /// transient failure returns the error and keeps the job.
+    async fn import_chunk(
+        &self,
+        sync: HistorySync,
+        done: (String, Option<Vec<u8>>),
+        last_try: bool,
+    ) -> Result<()> {
         let chat = PhoneNumber::from_e164(&sync.chat).ok();
         let (chunk_index, chunk_count) = (sync.chunk_index, sync.chunk_count);
-        match self.try_import_chunk(sync).await {
+        match self.try_import_chunk(sync, done.clone()).await {
             Ok(messages) => self.emit(Event::HistoryImported {
                 chunk_index,
                 chunk_count,
                 messages,
                 chat,
             }),
+            Err(e) if transient(&e) && !last_try => return Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, chunk_index, "history chunk refused; nothing of it was stored");
+                self.save_job(done).await?;
                 self.emit(Event::HistoryFailed {
                     chunk_index,
                     chunk_count,
@@ -415,9 +522,14 @@ impl Client {
                 });
             }
         }
+        Ok(())
     }
 
-    async fn try_import_chunk(&self, sync: HistorySync) -> Result<u32> {
+    async fn try_import_chunk(
+        &self,
+        sync: HistorySync,
+        done: (String, Option<Vec<u8>>),
+    ) -> Result<u32> {
         let blob = sync.blob.ok_or_else(|| refused("no blob"))?;
         if blob.key.len() != 32 {
             return Err(refused("bad key"));
@@ -447,6 +559,7 @@ impl Client {
             .store
             .save_changes(Changes {
                 messages: records,
+                values: vec![done],
                 ..Changes::default()
             })
             .await?;
@@ -517,8 +630,7 @@ impl Client {
     }
 }
 
-/// An outbox entry for one of our own devices only (sent through the resend path, see the module
-/// documentation).
+/// An outbox entry for one of our own devices only.
 fn own_device_entry(
     id: MessageId,
     me: &PhoneNumber,
@@ -528,8 +640,6 @@ fn own_device_entry(
 ) -> OutboxRecord {
     let mut entry = outbox_entry(id, id, me.clone(), content, now);
     entry.only_device = Some((me.clone(), device));
-    entry.retry_of = Some(id);
-    entry.retry_attempt = 1;
     entry
 }
 

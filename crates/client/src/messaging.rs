@@ -51,7 +51,8 @@ struct Outcome {
     delivered: Vec<(PhoneNumber, MessageId)>,
     resends: Vec<(PhoneNumber, DeviceId, MessageId, u32)>,
     retry_requests: Vec<(PhoneNumber, DeviceId, MessageId, u32)>,
-    history: Vec<crate::history::HistoryJob>,
+    /// History jobs were queued (saved with the envelope): run them.
+    history: bool,
 }
 
 /// The conversation a message belongs to: the sender's, or for a copy from one of our own devices the
@@ -550,7 +551,7 @@ impl Client {
                     outcome.delivered.extend(o.delivered);
                     outcome.resends.extend(o.resends);
                     outcome.retry_requests.extend(o.retry_requests);
-                    outcome.history.extend(o.history);
+                    outcome.history |= o.history;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not process an envelope; it stays on the server");
@@ -565,7 +566,9 @@ impl Client {
         for ev in std::mem::take(&mut outcome.events) {
             self.emit(ev);
         }
-        self.spawn_history_jobs(std::mem::take(&mut outcome.history));
+        if outcome.history {
+            self.spawn_history_jobs();
+        }
         if let Err(e) = self.queue_follow_ups(&me, outcome).await {
             tracing::warn!(error = %e, "could not queue receipts");
         }
@@ -965,16 +968,18 @@ impl Client {
             Some(content::content::Body::HistorySync(h)) => {
                 // Only our own account's other devices send us history.
                 if from_me && device != me.device_id {
-                    out.history
-                        .push(crate::history::HistoryJob::Import(Box::new(h)));
+                    let job = crate::history::HistoryJob::Import(Box::new(h));
+                    changes.values.push(job.value(env));
+                    out.history = true;
                 } else {
                     tracing::warn!("dropping history from another account");
                 }
             }
             Some(content::content::Body::HistoryRequest(r)) => {
                 if from_me && device != me.device_id && me.device_id == DeviceId::PRIMARY {
-                    out.history
-                        .push(crate::history::HistoryJob::Answer(device, r));
+                    let job = crate::history::HistoryJob::Answer(device, r);
+                    changes.values.push(job.value(env));
+                    out.history = true;
                 } else {
                     tracing::warn!("dropping a history request not from one of our companions");
                 }

@@ -424,6 +424,26 @@ async fn a_removed_device_cannot_decrypt_later_mutations() {
         .await
         .unwrap();
     let laptop_id = laptop.client.whoami().await.unwrap().unwrap().device_id;
+    // Everything the laptop could ever use: the keys it holds before its removal.
+    let laptop_keys = laptop.client.app_state_key_ids().await.unwrap();
+    let (_, v) = laptop
+        .client
+        .decrypt_app_state_mutation(
+            &AppStatePatch::decode(
+                store(&server)
+                    .fetch_app_state(&phone.phone, CONTACTS, 0, 100)
+                    .await
+                    .unwrap()
+                    .patches[0]
+                    .1
+                    .as_slice(),
+            )
+            .unwrap()
+            .mutations[0],
+        )
+        .await
+        .unwrap();
+    assert_eq!(v, b"before");
     phone.client.unlink(laptop_id).await.unwrap();
     assert_eq!(laptop_id, DeviceId::new(2).unwrap());
     has_keys(&tablet, 2).await;
@@ -438,18 +458,22 @@ async fn a_removed_device_cannot_decrypt_later_mutations() {
         .unwrap();
     let patch = |i: usize| AppStatePatch::decode(fetched.patches[i].1.as_slice()).unwrap();
     let (before, after) = (patch(0), patch(1));
-    // The removed laptop keeps its store and the keys it had: the old mutation opens, the new one not.
-    let (_, v) = laptop
-        .client
-        .decrypt_app_state_mutation(&before.mutations[0])
-        .await
-        .unwrap();
-    assert_eq!(v, b"before");
-    let refused = laptop
-        .client
-        .decrypt_app_state_mutation(&after.mutations[0])
-        .await;
-    assert!(refused.is_err(), "{refused:?}");
+    // The mutation after the removal is under a key the laptop never had (the rotated key went over Olm
+    // to the remaining devices only)...
+    assert!(laptop_keys.contains(&before.mutations[0].key_id));
+    assert!(
+        !laptop_keys.contains(&after.mutations[0].key_id),
+        "the new mutation uses a key the removed laptop held"
+    );
+    // ...and the unlinked laptop wiped its account state, keys included: nothing opens any more.
+    eventually(WAIT, "the laptop to wipe itself", || async {
+        laptop.client.app_state_key_ids().await.unwrap().is_empty()
+    })
+    .await;
+    for m in [&before.mutations[0], &after.mutations[0]] {
+        let refused = laptop.client.decrypt_app_state_mutation(m).await;
+        assert!(refused.is_err(), "{refused:?}");
+    }
     // The remaining tablet has the new key.
     let (_, v) = tablet
         .client

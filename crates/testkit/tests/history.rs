@@ -334,3 +334,113 @@ async fn a_new_companion_gets_the_history_and_can_ask_for_older() {
         assert!(second.client.history(chat).await.unwrap().is_empty());
     }
 }
+
+/// The blob files on the server's disk.
+fn blob_files(server: &TestServer) -> Vec<std::path::PathBuf> {
+    walkdir::WalkDir::new(server.data_dir().join("blobs"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.path().to_path_buf())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_chunk_is_imported_after_a_restart() {
+    // The companion acknowledges history envelopes before it imports their chunks (an import downloads
+    // a blob, which may take long). The job is saved with the envelope, so a companion that stops
+    // between the two (here: it cannot download, then restarts) still imports every chunk.
+    let server = TestServer::start().await;
+    let alice = TestClient::online(&server, ALICE).await;
+    let bob = TestClient::online(&server, BOB).await;
+    for i in 0..30 {
+        alice
+            .client
+            .send_text(&bob.phone, &format!("hi {i}"))
+            .await
+            .unwrap();
+    }
+    eventually(WAIT, "alice's messages to be sent", || async {
+        alice
+            .client
+            .history(&bob.phone)
+            .await
+            .unwrap()
+            .iter()
+            .all(|m| m.server_ts_ms > 0)
+    })
+    .await;
+    let tablet = TestClient::link_companion(&server, &alice, "tablet").await;
+    let device = tablet.client.whoami().await.unwrap().unwrap().device_id;
+    let tablet = tablet.power_off().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let before = blob_files(&server);
+    let opts = HistoryOptions {
+        chunk_messages: 10,
+        ..HistoryOptions::default()
+    };
+    let sent = alice.client.send_history(device, &opts).await.unwrap();
+    assert!(sent.delivered);
+    assert_eq!((sent.chunks, sent.messages), (3, 30));
+    // Take the chunks' blobs away: every download fails (a transient error: the job stays).
+    let hidden = tempfile::tempdir().unwrap();
+    let moved: Vec<_> = blob_files(&server)
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .map(|p| {
+            let to = hidden.path().join(p.file_name().unwrap());
+            std::fs::rename(&p, &to).unwrap();
+            (p, to)
+        })
+        .collect();
+    assert_eq!(moved.len(), 3);
+
+    let tablet = tablet.power_on().await;
+    tablet.client.connect().await.unwrap();
+    let store = server.server().state().store.clone();
+    eventually(
+        WAIT,
+        "the tablet to acknowledge the history envelopes",
+        || async {
+            store
+                .load_queue(&alice.phone, device, 0, 100)
+                .await
+                .unwrap()
+                .is_empty()
+        },
+    )
+    .await;
+    assert_eq!(tablet.client.pending_history_jobs().await.unwrap(), 3);
+    assert!(tablet.client.history(&bob.phone).await.unwrap().is_empty());
+
+    // Restart with the blobs back: every chunk is imported, nothing twice.
+    let tablet = tablet.power_off().await;
+    for (at, hidden_at) in &moved {
+        std::fs::rename(hidden_at, at).unwrap();
+    }
+    let tablet = tablet.power_on().await;
+    let mut events = tablet.client.subscribe();
+    tablet.client.connect().await.unwrap();
+    let got = history_events(&mut events, all_chunks).await;
+    assert!(
+        got.iter()
+            .all(|e| matches!(e, Event::HistoryImported { messages: 10, .. })),
+        "{got:?}"
+    );
+    assert_eq!(tablet.client.pending_history_jobs().await.unwrap(), 0);
+    assert_eq!(
+        chat_views(&tablet.client, &bob.phone, 0).await,
+        chat_views(&alice.client, &bob.phone, 0).await
+    );
+    // Imported in conversation order, whatever order the chunks came in.
+    let times: Vec<u64> = tablet
+        .client
+        .history(&bob.phone)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.server_ts_ms)
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+}

@@ -30,8 +30,9 @@ use async_trait::async_trait;
 use natter_proto::{DeviceId, MessageId, PhoneNumber};
 
 use super::{
-    Changes, ClientStore, FailureRecord, IdentityRecord, MessageRecord, MessageStatus,
-    OutboxRecord, OutboxState, PeerRecord, SessionRecord, StoreError, StoreResult, UploadRecord,
+    Changes, ChatSummary, ClientStore, FailureRecord, IdentityRecord, MessageKind, MessageRecord,
+    MessageStatus, OutboxRecord, OutboxState, PeerRecord, SessionRecord, StoreError, StoreResult,
+    UploadRecord,
 };
 
 /// A `u64` too large for the store (stored values must fit an SQL integer, i.e. `i64`).
@@ -115,6 +116,7 @@ pub struct MemoryStore {
 struct Inner {
     identity: Option<IdentityRecord>,
     settings: HashMap<String, Vec<u8>>,
+    values: BTreeMap<String, Vec<u8>>,
     /// Sessions by (peer, device, session id).
     sessions: BTreeMap<(PhoneNumber, DeviceId, String), SessionRecord>,
     peers: HashMap<PhoneNumber, PeerRecord>,
@@ -158,6 +160,7 @@ impl Inner {
             wipe,
             identity,
             settings,
+            values,
             sessions,
             sessions_removed,
             peers,
@@ -190,6 +193,16 @@ impl Inner {
                 }
                 None => {
                     self.settings.remove(&key);
+                }
+            }
+        }
+        for (key, value) in values {
+            match value {
+                Some(value) => {
+                    self.values.insert(key, value);
+                }
+                None => {
+                    self.values.remove(&key);
                 }
             }
         }
@@ -318,13 +331,62 @@ impl ClientStore for MemoryStore {
     }
 
     async fn history(&self, chat: &PhoneNumber) -> StoreResult<Vec<MessageRecord>> {
-        Ok(self
+        let mut list: Vec<MessageRecord> = self
             .lock()?
             .messages
             .values()
             .filter(|m| m.chat == *chat)
             .cloned()
+            .collect();
+        list.sort_by_key(|m| (m.conversation_ms(), m.seq));
+        Ok(list)
+    }
+
+    async fn value(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        Ok(self.lock()?.values.get(key).cloned())
+    }
+
+    async fn values_with_prefix(&self, prefix: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        Ok(self
+            .lock()?
+            .values
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
+    }
+
+    async fn chats(&self) -> StoreResult<Vec<ChatSummary>> {
+        let mut by_chat: HashMap<PhoneNumber, ChatSummary> = HashMap::new();
+        for m in self.lock()?.messages.values() {
+            let e = by_chat
+                .entry(m.chat.clone())
+                .or_insert_with(|| ChatSummary {
+                    chat: m.chat.clone(),
+                    messages: 0,
+                    last_ms: 0,
+                });
+            e.messages += 1;
+            e.last_ms = e.last_ms.max(m.conversation_ms());
+        }
+        let mut list: Vec<ChatSummary> = by_chat.into_values().collect();
+        list.sort_by(|a, b| b.last_ms.cmp(&a.last_ms).then_with(|| a.chat.cmp(&b.chat)));
+        Ok(list)
+    }
+
+    async fn unread_after(&self, chat: &PhoneNumber, after_ms: u64) -> StoreResult<u64> {
+        Ok(self
+            .lock()?
+            .messages
+            .values()
+            .filter(|m| {
+                m.chat == *chat
+                    && !m.from_me
+                    && !m.shown
+                    && matches!(m.kind, MessageKind::Text | MessageKind::Media)
+                    && m.server_ts_ms > after_ms
+            })
+            .count() as u64)
     }
 
     async fn unshown(&self) -> StoreResult<Vec<MessageRecord>> {

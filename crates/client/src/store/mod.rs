@@ -173,6 +173,29 @@ pub struct MessageRecord {
     pub media: Option<MediaRecord>,
 }
 
+impl MessageRecord {
+    /// Where the message sits in its conversation: the server's time, or while it has none (pending)
+    /// the sender's.
+    pub fn conversation_ms(&self) -> u64 {
+        if self.server_ts_ms > 0 {
+            self.server_ts_ms
+        } else {
+            self.sent_at_ms
+        }
+    }
+}
+
+/// One conversation of the chat list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatSummary {
+    /// The peer account.
+    pub chat: PhoneNumber,
+    /// Messages held.
+    pub messages: u64,
+    /// The newest message's conversation time (ms since epoch).
+    pub last_ms: u64,
+}
+
 /// Whether an outbox entry still has to be sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutboxState {
@@ -237,12 +260,17 @@ pub struct StatusUpdate {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     /// Deletes everything the device knows (identity, sessions, peers, messages, outbox, processed
-    /// envelopes, failures; settings stay) before the rest is applied: the device was unlinked.
+    /// envelopes, failures, uploads, account values; settings stay) before the rest is applied: the
+    /// device was unlinked.
     pub wipe: bool,
     /// Replaces the identity.
     pub identity: Option<IdentityRecord>,
-    /// Sets (`Some`) or deletes (`None`) small settings.
+    /// Sets (`Some`) or deletes (`None`) small settings: the device's configuration (server address,
+    /// pinned server key), which survives a wipe.
     pub settings: Vec<(String, Option<Vec<u8>>)>,
+    /// Sets (`Some`) or deletes (`None`) small account-scoped values (app-state keys and collections,
+    /// pending background jobs), which a wipe deletes.
+    pub values: Vec<(String, Option<Vec<u8>>)>,
     /// Inserts or replaces sessions (by phone, device, session id).
     pub sessions: Vec<SessionRecord>,
     /// Deletes every session with these devices (their keys changed).
@@ -308,8 +336,18 @@ pub trait ClientStore: Send + Sync + 'static {
         chat: &PhoneNumber,
         id: &MessageId,
     ) -> StoreResult<Option<MessageRecord>>;
-    /// A conversation, oldest first (by insertion order).
+    /// An account-scoped value (see [`Changes::values`]).
+    async fn value(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
+    /// Every account-scoped value whose key starts with `prefix`, by key.
+    async fn values_with_prefix(&self, prefix: &str) -> StoreResult<Vec<(String, Vec<u8>)>>;
+    /// A conversation, oldest first by conversation time ([`MessageRecord::conversation_ms`]), then by
+    /// insertion order: history imported later still shows before the newer messages.
     async fn history(&self, chat: &PhoneNumber) -> StoreResult<Vec<MessageRecord>>;
+    /// Every conversation that holds a message, most recent first (then by number).
+    async fn chats(&self) -> StoreResult<Vec<ChatSummary>>;
+    /// How many incoming text and media messages of a conversation are not yet shown and have a server
+    /// time after `after_ms` (unread counts, against the synced read marker).
+    async fn unread_after(&self, chat: &PhoneNumber, after_ms: u64) -> StoreResult<u64>;
     /// Messages with `shown == false`, oldest first (the client inserts what this device sent as shown).
     async fn unshown(&self) -> StoreResult<Vec<MessageRecord>>;
     /// Outbox entries still queued, oldest first.

@@ -23,9 +23,9 @@ use sqlx::sqlite::{
 
 use super::memory::{checked_i64, status_advances};
 use super::{
-    Changes, ClientStore, FailureRecord, IdentityRecord, MediaRecord, MessageKind, MessageRecord,
-    MessageStatus, OutboxRecord, OutboxState, PeerRecord, SessionRecord, StatusUpdate, StoreError,
-    StoreResult, UploadRecord,
+    Changes, ChatSummary, ClientStore, FailureRecord, IdentityRecord, MediaRecord, MessageKind,
+    MessageRecord, MessageStatus, OutboxRecord, OutboxState, PeerRecord, SessionRecord,
+    StatusUpdate, StoreError, StoreResult, UploadRecord,
 };
 
 /// Connections in the pool (reads and the one write at a time).
@@ -34,7 +34,7 @@ pub const POOL_SIZE: u32 = 3;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The migrations, in order: (version, SQL). Each runs once, in its own transaction.
-const MIGRATIONS: &[Migration] = &[
+pub(super) const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         sql: include_str!("../../migrations/001_initial.sql"),
@@ -42,6 +42,10 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 2,
         sql: include_str!("../../migrations/002_media.sql"),
+    },
+    Migration {
+        version: 3,
+        sql: include_str!("../../migrations/003_account_values.sql"),
     },
 ];
 
@@ -456,6 +460,7 @@ async fn write_changes(conn: &mut SqliteConnection, changes: &Changes) -> StoreR
             "DELETE FROM processed",
             "DELETE FROM failures",
             "DELETE FROM uploads",
+            "DELETE FROM account_values",
         ] {
             sqlx::query(sql).execute(&mut *conn).await.map_err(db)?;
         }
@@ -472,6 +477,18 @@ async fn write_changes(conn: &mut SqliteConnection, changes: &Changes) -> StoreR
             .bind(key.as_str())
             .bind(value.as_slice()),
             None => sqlx::query("DELETE FROM settings WHERE key = ?1").bind(key.as_str()),
+        };
+        query.execute(&mut *conn).await.map_err(db)?;
+    }
+    for (key, value) in &changes.values {
+        let query = match value {
+            Some(value) => sqlx::query(
+                "INSERT INTO account_values (key, value) VALUES (?1, ?2) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(key.as_str())
+            .bind(value.as_slice()),
+            None => sqlx::query("DELETE FROM account_values WHERE key = ?1").bind(key.as_str()),
         };
         query.execute(&mut *conn).await.map_err(db)?;
     }
@@ -824,13 +841,67 @@ impl ClientStore for SqliteStore {
         let rows: Vec<MessageRow> = sqlx::query_as(concat!(
             "SELECT ",
             message_columns!(),
-            " FROM messages WHERE chat = ?1 ORDER BY seq"
+            " FROM messages WHERE chat = ?1 \
+             ORDER BY CASE WHEN server_ts_ms > 0 THEN server_ts_ms ELSE sent_at_ms END, seq"
         ))
         .bind(chat.as_str())
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
         rows.into_iter().map(message_from_row).collect()
+    }
+
+    async fn value(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        sqlx::query_scalar("SELECT value FROM account_values WHERE key = ?1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)
+    }
+
+    async fn values_with_prefix(&self, prefix: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        sqlx::query_as(
+            "SELECT key, value FROM account_values \
+             WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key",
+        )
+        .bind(prefix)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)
+    }
+
+    async fn chats(&self) -> StoreResult<Vec<ChatSummary>> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT chat, COUNT(*), \
+                    MAX(CASE WHEN server_ts_ms > 0 THEN server_ts_ms ELSE sent_at_ms END) AS last \
+             FROM messages GROUP BY chat ORDER BY last DESC, chat",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.into_iter()
+            .map(|(chat, messages, last)| {
+                Ok(ChatSummary {
+                    chat: dec_phone(&chat)?,
+                    messages: dec_u64("message count", messages)?,
+                    last_ms: dec_u64("message time", last)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn unread_after(&self, chat: &PhoneNumber, after_ms: u64) -> StoreResult<u64> {
+        let after = i64::try_from(after_ms).unwrap_or(i64::MAX);
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM messages WHERE chat = ?1 AND from_me = 0 AND shown = 0 \
+             AND kind IN ('text', 'media') AND server_ts_ms > ?2",
+        )
+        .bind(chat.as_str())
+        .bind(after)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        dec_u64("message count", n)
     }
 
     async fn unshown(&self) -> StoreResult<Vec<MessageRecord>> {

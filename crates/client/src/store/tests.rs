@@ -477,7 +477,7 @@ async fn messages_inserted_once(s: &dyn ClientStore) {
     first.sent_at_ms = 5_000;
     let second = MessageRecord {
         kind: MessageKind::Notice,
-        sent_at_ms: 1, // older clock, inserted later: history follows insertion
+        sent_at_ms: 3_000, // pending: the sender's clock places it (after the first's server time)
         ..msg(&a, mid(2), MessageStatus::Pending)
     };
     let other_chat = MessageRecord {
@@ -518,7 +518,10 @@ async fn messages_inserted_once(s: &dyn ClientStore) {
         server_ts_ms: 77,
         ..first.clone()
     };
-    let third = msg(&a, mid(3), MessageStatus::Received);
+    let third = MessageRecord {
+        server_ts_ms: 4_000,
+        ..msg(&a, mid(3), MessageStatus::Received)
+    };
     save(
         s,
         Changes {
@@ -688,7 +691,10 @@ async fn status_updates(s: &dyn ClientStore) {
 async fn shown_and_unshown(s: &dyn ClientStore) {
     let (a, b) = (phone(2), phone(3));
     let incoming = |chat: &PhoneNumber, n: u8| msg(chat, mid(n), MessageStatus::Received);
-    let mine = msg(&a, mid(3), MessageStatus::Pending); // inserted as shown
+    let mine = MessageRecord {
+        sent_at_ms: 2_000, // pending: placed by the sender's clock, here equal to the others' time
+        ..msg(&a, mid(3), MessageStatus::Pending)  // inserted as shown
+    };
     assert!(mine.shown && !incoming(&a, 1).shown);
     save(
         s,
@@ -995,6 +1001,7 @@ async fn atomic(s: &dyn ClientStore) {
                 s.identity().await.unwrap(),
                 s.setting("k").await.unwrap(),
                 s.setting("new").await.unwrap(),
+                s.value("v").await.unwrap(),
                 s.sessions(&a, dev(1)).await.unwrap(),
                 s.peer(&a).await.unwrap(),
                 s.peer(&b).await.unwrap(),
@@ -1018,6 +1025,7 @@ async fn atomic(s: &dyn ClientStore) {
             ("k".to_owned(), None),
             ("new".to_owned(), Some(b"n".to_vec())),
         ],
+        values: vec![("v".to_owned(), Some(b"v".to_vec()))],
         sessions: vec![session(&a, 1, "s", 20), session(&a, 1, "t", 30)],
         sessions_removed: vec![(a.clone(), dev(1))],
         peers: vec![peer(&a, 2), peer(&b, 3)],
@@ -1332,7 +1340,140 @@ async fn uploads(s: &dyn ClientStore) {
     assert_eq!(s.upload(&b, "/x").await.unwrap(), None);
 }
 
+async fn account_values(s: &dyn ClientStore) {
+    assert_eq!(s.value("job/1").await.unwrap(), None);
+    save(
+        s,
+        Changes {
+            values: vec![
+                ("job/2".into(), Some(b"two".to_vec())),
+                ("job/1".into(), Some(b"one".to_vec())),
+                ("jobs".into(), Some(b"not a job".to_vec())),
+                ("appstate/keys".into(), Some(b"k".to_vec())),
+            ],
+            settings: vec![("server".into(), Some(b"s".to_vec()))],
+            ..Changes::default()
+        },
+    )
+    .await;
+    assert_eq!(s.value("job/1").await.unwrap(), Some(b"one".to_vec()));
+    assert_eq!(
+        s.values_with_prefix("job/").await.unwrap(),
+        vec![
+            ("job/1".to_owned(), b"one".to_vec()),
+            ("job/2".to_owned(), b"two".to_vec())
+        ]
+    );
+    assert_eq!(
+        s.setting("job/1").await.unwrap(),
+        None,
+        "values are not settings"
+    );
+    assert_eq!(
+        s.value("server").await.unwrap(),
+        None,
+        "settings are not values"
+    );
+    save(
+        s,
+        Changes {
+            values: vec![
+                ("job/1".into(), None),
+                ("job/2".into(), Some(b"2".to_vec())),
+            ],
+            ..Changes::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        s.values_with_prefix("job/").await.unwrap(),
+        vec![("job/2".to_owned(), b"2".to_vec())]
+    );
+    // Unlike settings, values belong to the account: a wipe deletes them.
+    save(
+        s,
+        Changes {
+            wipe: true,
+            ..Changes::default()
+        },
+    )
+    .await;
+    assert!(s.values_with_prefix("").await.unwrap().is_empty());
+    assert_eq!(s.setting("server").await.unwrap(), Some(b"s".to_vec()));
+}
+
+async fn conversation_order(s: &dyn ClientStore) {
+    let (a, b) = (phone(2), phone(3));
+    let at = |chat: &PhoneNumber, n: u8, sent: u64, server: u64| MessageRecord {
+        sent_at_ms: sent,
+        server_ts_ms: server,
+        ..msg(chat, mid(n), MessageStatus::Received)
+    };
+    // Newer messages first, then imported history of the past, then a pending one (no server time
+    // yet: the sender's time places it).
+    let pending = MessageRecord {
+        sent_at_ms: 6_500,
+        ..msg(&a, mid(5), MessageStatus::Pending)
+    };
+    save(
+        s,
+        Changes {
+            messages: vec![
+                at(&a, 1, 5_000, 6_000),
+                at(&a, 2, 7_000, 7_000),
+                at(&b, 9, 8_000, 8_000),
+                at(&a, 3, 1_000, 1_000),
+                at(&a, 4, 6_000, 6_000),
+                pending,
+            ],
+            ..Changes::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        ids(&s.history(&a).await.unwrap()),
+        vec![mid(3), mid(1), mid(4), mid(5), mid(2)],
+        "by conversation time, equal times by insertion"
+    );
+    let chats = s.chats().await.unwrap();
+    assert_eq!(
+        chats,
+        vec![
+            super::ChatSummary {
+                chat: b.clone(),
+                messages: 1,
+                last_ms: 8_000
+            },
+            super::ChatSummary {
+                chat: a.clone(),
+                messages: 5,
+                last_ms: 7_000
+            },
+        ]
+    );
+    // Incoming text after the read marker; our own pending message does not count.
+    assert_eq!(s.unread_after(&a, 0).await.unwrap(), 4);
+    assert_eq!(s.unread_after(&a, 6_000).await.unwrap(), 1);
+    assert_eq!(s.unread_after(&a, 7_000).await.unwrap(), 0);
+    assert_eq!(s.unread_after(&phone(4), 0).await.unwrap(), 0);
+    save(
+        s,
+        Changes {
+            shown: vec![(a.clone(), mid(2))],
+            ..Changes::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        s.unread_after(&a, 6_000).await.unwrap(),
+        0,
+        "shown is not unread"
+    );
+}
+
 conformance!(
+    account_values,
+    conversation_order,
     messages_page,
     media_messages,
     uploads,
@@ -1369,6 +1510,35 @@ async fn raw_connection(path: &std::path::Path) -> sqlx::SqliteConnection {
         .unwrap()
 }
 
+#[tokio::test]
+async fn sqlite_store_moves_app_state_out_of_settings() {
+    // A version-2 database kept app state among the settings; version 3 moves it to the account
+    // values (which a wipe deletes) and leaves the device's own settings where they were.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("client.db");
+    std::fs::File::create(&path).unwrap();
+    let mut conn = raw_connection(&path).await;
+    natter_sqlite::migrate(&mut conn, &super::sqlite::MIGRATIONS[..2])
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO settings (key, value) VALUES ('appstate/keys', x'01'), \
+         ('appstate/state/contacts', x'02'), ('server', x'03')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    drop(conn);
+    let s = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(s.value("appstate/keys").await.unwrap(), Some(vec![1]));
+    assert_eq!(
+        s.values_with_prefix("appstate/state/").await.unwrap(),
+        vec![("appstate/state/contacts".to_owned(), vec![2])]
+    );
+    assert_eq!(s.setting("appstate/keys").await.unwrap(), None);
+    assert_eq!(s.setting("server").await.unwrap(), Some(vec![3]));
+}
+
 /// Everything one `Changes` can hold, for the reopen test.
 fn full_changes() -> Changes {
     let (a, b) = (phone(2), phone(3));
@@ -1376,6 +1546,7 @@ fn full_changes() -> Changes {
         wipe: false,
         identity: Some(identity(1)),
         settings: vec![("k".to_owned(), Some(b"v".to_vec()))],
+        values: vec![("appstate/keys".to_owned(), Some(b"keys".to_vec()))],
         sessions: vec![session(&a, 1, "s", 10), session(&a, 1, "t", 20)],
         sessions_removed: vec![(a.clone(), dev(2))],
         peers: vec![PeerRecord {
@@ -1418,7 +1589,10 @@ async fn sqlite_store_survives_reopen() {
     let read = async |s: &SqliteStore| {
         (
             s.identity().await.unwrap(),
-            s.setting("k").await.unwrap(),
+            (
+                s.setting("k").await.unwrap(),
+                s.value("appstate/keys").await.unwrap(),
+            ),
             s.sessions(&a, dev(1)).await.unwrap(),
             s.peer(&a).await.unwrap(),
             s.history(&a).await.unwrap(),
@@ -1463,7 +1637,7 @@ async fn sqlite_store_survives_reopen() {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(versions, vec![1, 2]);
+    assert_eq!(versions, vec![1, 2, 3]);
     let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
         .fetch_one(&mut conn)
         .await

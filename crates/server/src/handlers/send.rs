@@ -101,8 +101,10 @@ pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::
     let peer_devices = listed_only(&**store, &recipient, peer_devices, &to_peer).await?;
     let own_devices = listed_only(&**store, &login.phone, own_devices, &to_own).await?;
     let mut mismatched = Vec::new();
-    // A resend goes to the one device that asked for it: it must exist, nothing more.
-    let partial = retry.is_some();
+    // A resend goes to the one device that asked for it, and a message to the sender's own account
+    // (history, app-state keys, requests between its devices) to those of its devices it chooses:
+    // they must exist, nothing more.
+    let partial = retry.is_some() || recipient == login.phone;
     for (phone, wanted, got) in [
         (&recipient, &peer_devices, &to_peer),
         (&login.phone, &own_devices, &to_own),
