@@ -41,6 +41,7 @@ pub const TARGETS: &[Target] = &[
     ("content", content),
     ("device_list", device_list),
     ("noise_records", noise_records),
+    ("refusal", refusal),
 ];
 
 /// A small deterministic generator (xorshift64*), for chunkings and the smoke test. Not for keys.
@@ -447,5 +448,27 @@ fn tampered_traffic(chunking: u8, mut ops: &[u8]) -> bool {
             "the channel did not deliver the sealed frame"
         );
     }
+    true
+}
+
+/// A refusal record's body ([`crate::noise::parse_refusal`]), as a client reads it where it expects the
+/// server's handshake message. An accepted refusal must survive [`crate::noise::refusal_record`] and a
+/// second parse unchanged, and stay within the short-text bound. Accepted: it parsed as a refusal.
+pub fn refusal(data: &[u8]) -> bool {
+    let Some(e) = crate::noise::parse_refusal(data) else {
+        return false;
+    };
+    let record = crate::noise::refusal_record(&e);
+    let mut reader = RecordReader::new();
+    reader.push(&record);
+    let body = reader.next_record().expect("a whole record");
+    let again = crate::noise::parse_refusal(&body).expect("a refusal re-parses");
+    assert_eq!(again.code, e.code, "the code changed");
+    assert_eq!(again.retry_after_ms, e.retry_after_ms, "the delay changed");
+    assert!(
+        e.message.starts_with(&again.message)
+            && again.message.len() <= crate::limits::MAX_SHORT_TEXT,
+        "the message grew or changed"
+    );
     true
 }
