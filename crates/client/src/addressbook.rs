@@ -304,7 +304,7 @@ mod tests {
         assert_eq!(b.rejected.len(), 2, "{:?}", b.rejected);
         assert!(b.rejected[0].reason.contains("without a phone"));
         assert_eq!(b.rejected[1].text, "call me");
-        assert_eq!(b.rejected[1].line, 16);
+        assert_eq!(b.rejected[1].line, 25);
     }
 
     #[test]
