@@ -147,8 +147,40 @@ enum Command {
         #[command(subcommand)]
         action: ContactAction,
     },
-    /// List contacts (the chats this device knows and every named contact): number and name.
-    Contacts,
+    /// List contacts (the address book's Natter users, the chats this device knows and every named
+    /// contact) with their names and profile names; `contacts import FILE` reads an address book.
+    Contacts {
+        /// What to do (default: list).
+        #[command(subcommand)]
+        action: Option<ContactsAction>,
+    },
+    /// This account's profile (name, about, avatar), end-to-end encrypted for its contacts.
+    Profile {
+        /// What to do.
+        #[command(subcommand)]
+        action: ProfileAction,
+    },
+    /// Whether someone is online, or when they were last seen (as their privacy settings allow).
+    Presence {
+        /// The number.
+        number: String,
+    },
+    /// Privacy settings: who sees your last seen, read receipts; without arguments, shows them.
+    Privacy {
+        /// What to change.
+        #[command(subcommand)]
+        action: Option<PrivacyAction>,
+    },
+    /// Block a number: its messages, calls, presence and profile requests are refused.
+    Block {
+        /// The number.
+        number: String,
+    },
+    /// Unblock a number.
+    Unblock {
+        /// The number.
+        number: String,
+    },
     /// Star a message (by id, as shown by `history --json`) on every device of the account.
     Star {
         /// The message id.
@@ -203,6 +235,22 @@ enum Command {
         /// The contact's number.
         number: String,
     },
+}
+
+/// A progress bar counting `unit`s on stderr, hidden with `--json` or when stderr is not a terminal.
+fn count_bar(json: bool, what: &str, unit: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if json || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
+        "{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit}"
+    )) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_owned());
+    bar
 }
 
 /// A byte progress bar on stderr, hidden with `--json` or when stderr is not a terminal.
@@ -317,6 +365,80 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// `contacts` subcommands.
+#[derive(Subcommand, Debug)]
+enum ContactsAction {
+    /// Import an address book (vCard 3/4 or CSV): finds which numbers use Natter. Only numbers that
+    /// changed since the last import are sent to the server.
+    Import {
+        /// The file.
+        file: PathBuf,
+        /// Region of national numbers (ISO code such as US or DE); default: this account's own.
+        #[arg(long)]
+        region: Option<String>,
+    },
+}
+
+/// `profile` subcommands.
+#[derive(Subcommand, Debug)]
+enum ProfileAction {
+    /// Set the name, about line and/or avatar picture (others stay as they are).
+    Set {
+        /// Display name.
+        #[arg(long)]
+        name: Option<String>,
+        /// About line.
+        #[arg(long)]
+        about: Option<String>,
+        /// A picture (PNG, JPEG...), scaled down to a small JPEG.
+        #[arg(long)]
+        avatar: Option<PathBuf>,
+    },
+    /// Show a profile (yours without a number), if its owner shared its profile key with you.
+    Show {
+        /// The number.
+        number: Option<String>,
+        /// Write the avatar JPEG here.
+        #[arg(long)]
+        avatar_out: Option<PathBuf>,
+    },
+}
+
+/// Who sees the last seen.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Audience {
+    /// Everyone.
+    Everyone,
+    /// Your contacts only.
+    Contacts,
+    /// Nobody.
+    Nobody,
+}
+
+/// On or off.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+/// `privacy` subcommands.
+#[derive(Subcommand, Debug)]
+enum PrivacyAction {
+    /// Who sees when you are online and were last seen.
+    LastSeen {
+        /// everyone, contacts or nobody.
+        who: Audience,
+    },
+    /// Read receipts: off, none are sent and none are shown.
+    ReadReceipts {
+        /// on or off.
+        state: Switch,
+    },
 }
 
 /// Contact subcommands.
@@ -519,10 +641,110 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
         }
-        Command::Contacts => {
+        Command::Contacts { action: None } => {
             refresh_app_state(&client).await;
-            out.contacts(&client.contacts().await?);
+            let online = client.connect().await.is_ok();
+            let list = client.contact_list().await;
+            if online {
+                client.disconnect().await;
+            }
+            out.contacts(&list?);
         }
+        Command::Contacts {
+            action: Some(ContactsAction::Import { file, region }),
+        } => {
+            client.connect().await?;
+            let bar = count_bar(cli.json, "looking up", "numbers");
+            let report = client
+                .import_contacts(&file, region.as_deref(), &|done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                })
+                .await;
+            bar.finish_and_clear();
+            let _ = client.wait_outbox_empty(Duration::from_secs(5)).await;
+            client.disconnect().await;
+            out.import_report(&report?);
+        }
+        Command::Profile {
+            action:
+                ProfileAction::Set {
+                    name,
+                    about,
+                    avatar,
+                },
+        } => {
+            if name.is_none() && about.is_none() && avatar.is_none() {
+                anyhow::bail!(ClientError::InvalidInput(
+                    "give --name, --about and/or --avatar".into()
+                ));
+            }
+            client.connect().await?;
+            let result = client
+                .set_profile(name.as_deref(), about.as_deref(), avatar.as_deref())
+                .await;
+            let _ = client.wait_outbox_empty(Duration::from_secs(5)).await;
+            client.disconnect().await;
+            result?;
+            out.done();
+        }
+        Command::Profile {
+            action: ProfileAction::Show { number, avatar_out },
+        } => {
+            let phone = match number {
+                Some(n) => parse_number(&n)?,
+                None => {
+                    client
+                        .whoami()
+                        .await?
+                        .ok_or(ClientError::NotRegistered)?
+                        .phone
+                }
+            };
+            client.connect().await?;
+            let profile = client.profile(&phone).await;
+            client.disconnect().await;
+            let profile = profile?;
+            if let (Some(path), Some(p)) = (&avatar_out, &profile)
+                && !p.avatar_jpeg.is_empty()
+            {
+                std::fs::write(path, &p.avatar_jpeg)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            out.profile(&phone, profile.as_ref());
+        }
+        Command::Presence { number } => {
+            let phone = parse_number(&number)?;
+            client.connect().await?;
+            let p = client.presence(&phone).await;
+            client.disconnect().await;
+            out.presence(&phone, p?);
+        }
+        Command::Privacy { action } => {
+            client.connect().await?;
+            let result = match action {
+                None => client.privacy().await.map(Some),
+                Some(PrivacyAction::LastSeen { who }) => client
+                    .set_last_seen_visibility(match who {
+                        Audience::Everyone => natter_proto::social::Visibility::Everyone,
+                        Audience::Contacts => natter_proto::social::Visibility::Contacts,
+                        Audience::Nobody => natter_proto::social::Visibility::Nobody,
+                    })
+                    .await
+                    .map(|()| None),
+                Some(PrivacyAction::ReadReceipts { state }) => client
+                    .set_read_receipts(matches!(state, Switch::On))
+                    .await
+                    .map(|()| None),
+            };
+            client.disconnect().await;
+            match result? {
+                Some(p) => out.privacy(&p),
+                None => out.done(),
+            }
+        }
+        Command::Block { number } => block(&client, &out, &number, true).await?,
+        Command::Unblock { number } => block(&client, &out, &number, false).await?,
         Command::Star { message_id, off } => {
             let id = natter_proto::MessageId::from_hex(message_id.trim())
                 .map_err(|e| ClientError::InvalidInput(e.to_string()))?;
@@ -638,6 +860,17 @@ async fn print_unshown(client: &Client, out: &Printer) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn block(client: &Client, out: &Printer, number: &str, blocked: bool) -> anyhow::Result<()> {
+    let phone = parse_number(number)?;
+    client.connect().await?;
+    let result = client.block(&phone, blocked).await;
+    let _ = client.wait_outbox_empty(Duration::from_secs(5)).await;
+    client.disconnect().await;
+    result?;
+    out.done();
+    Ok(())
+}
+
 async fn chat(client: &Client, out: &Printer, peer: &PhoneNumber) -> anyhow::Result<()> {
     let history = client.history(peer).await?;
     let start = history.len().saturating_sub(20);
@@ -649,6 +882,11 @@ async fn chat(client: &Client, out: &Printer, peer: &PhoneNumber) -> anyhow::Res
     out.note(&format!(
         "chatting with {peer}: type a message and press Enter; /quit or Ctrl-D to leave"
     ));
+    match client.presence(peer).await {
+        Ok(natter_client::PresenceInfo::Hidden) => {}
+        Ok(p) => out.note(&format!("{peer} is {}", output::presence_words(p))),
+        Err(e) => out.note(&format!("presence unavailable: {e}")),
+    }
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     loop {
         tokio::select! {
@@ -681,6 +919,14 @@ async fn chat(client: &Client, out: &Printer, peer: &PhoneNumber) -> anyhow::Res
                     let _ = m;
                 }
                 Ok(Event::Status { chat, id, status }) if chat == *peer => out.status(&id, status),
+                Ok(Event::Typing { phone, typing }) if phone == *peer => {
+                    if typing {
+                        out.note(&format!("{peer} is typing…"));
+                    }
+                }
+                Ok(Event::Presence { phone, presence }) if phone == *peer => {
+                    out.note(&format!("{peer} is {}", output::presence_words(presence)));
+                }
                 Ok(Event::Disconnected) => out.note("connection lost; reconnecting…"),
                 Ok(Event::Connected) => {}
                 Ok(Event::DeviceRemoved(r)) => return Err(ClientError::DeviceRemoved(r).into()),
@@ -733,20 +979,8 @@ async fn link_companion(
 /// After linking: a progress bar over the history chunks the phone sends, until the last one is in or
 /// 60 s pass without a new chunk.
 async fn history_progress(mut events: tokio::sync::broadcast::Receiver<Event>, json: bool) {
-    use std::io::IsTerminal;
     const QUIET: Duration = Duration::from_secs(60);
-    let bar = if json || !std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let bar = indicatif::ProgressBar::new(0);
-        if let Ok(style) =
-            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} chunks")
-        {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        bar.set_message("importing history");
-        bar
-    };
+    let bar = count_bar(json, "importing history", "chunks");
     let (mut done, mut messages, mut failed) = (0u32, 0u64, 0u32);
     loop {
         match tokio::time::timeout(QUIET, events.recv()).await {

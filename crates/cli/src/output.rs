@@ -144,13 +144,142 @@ impl Printer {
         }
     }
 
-    /// Contacts: number and name (if one was set).
-    pub fn contacts(&self, contacts: &[(String, Option<String>)]) {
-        for (number, name) in contacts {
+    /// Contacts: number, name (synced, else the address book's), whether they use Natter, profile.
+    pub fn contacts(&self, contacts: &[natter_client::Contact]) {
+        for c in contacts {
             if self.json {
-                say!("{}", json!({"number": number, "name": name}));
+                say!(
+                    "{}",
+                    json!({
+                        "number": c.number,
+                        "name": c.name,
+                        "on_natter": c.on_natter,
+                        "profile_name": c.profile_name,
+                        "about": c.about,
+                    })
+                );
             } else {
-                say!("{number}  {}", name.as_deref().unwrap_or(""));
+                let mut line = format!("{}  {}", c.number, c.name.as_deref().unwrap_or(""));
+                if let Some(p) = &c.profile_name {
+                    line.push_str(&format!("  ~{p}"));
+                }
+                if let Some(a) = &c.about {
+                    line.push_str(&format!("  \"{a}\""));
+                }
+                if !c.on_natter {
+                    line.push_str("  (not on Natter)");
+                }
+                say!("{}", line.trim_end());
+            }
+        }
+    }
+
+    /// What an address-book import did; skipped entries go to stderr.
+    pub fn import_report(&self, r: &natter_client::ImportReport) {
+        for rej in &r.rejected {
+            eprintln!(
+                "natter: line {}: skipped {:?}: {}",
+                rej.line, rej.text, rej.reason
+            );
+        }
+        if self.json {
+            say!(
+                "{}",
+                json!({
+                    "numbers": r.numbers,
+                    "skipped": r.rejected.len(),
+                    "looked_up": r.looked_up,
+                    "removed": r.removed,
+                    "on_natter": r.registered.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+                    "remaining_today": r.remaining_today,
+                })
+            );
+        } else {
+            say!(
+                "{} numbers ({} skipped), {} looked up, {} removed; {} use Natter",
+                r.numbers,
+                r.rejected.len(),
+                r.looked_up,
+                r.removed,
+                r.registered.len()
+            );
+            for p in &r.registered {
+                say!("  {p}");
+            }
+        }
+    }
+
+    /// A profile (or that there is none we can read).
+    pub fn profile(&self, phone: &PhoneNumber, p: Option<&natter_client::ProfileInfo>) {
+        if self.json {
+            say!(
+                "{}",
+                json!({
+                    "number": phone.as_str(),
+                    "name": p.map(|p| p.name.as_str()),
+                    "about": p.map(|p| p.about.as_str()),
+                    "avatar_bytes": p.map_or(0, |p| p.avatar_jpeg.len()),
+                })
+            );
+        } else {
+            match p {
+                Some(p) => {
+                    say!("{phone}  {}", p.name);
+                    if !p.about.is_empty() {
+                        say!("  about: {}", p.about);
+                    }
+                    if !p.avatar_jpeg.is_empty() {
+                        say!("  avatar: {} bytes", p.avatar_jpeg.len());
+                    }
+                }
+                None => say!("{phone}: no profile shared with this account"),
+            }
+        }
+    }
+
+    /// Someone's presence.
+    pub fn presence(&self, phone: &PhoneNumber, p: natter_client::PresenceInfo) {
+        use natter_client::PresenceInfo;
+        if self.json {
+            let (state, last_seen) = match p {
+                PresenceInfo::Online => ("online", None),
+                PresenceInfo::LastSeen(t) => ("offline", (t > 0).then_some(t)),
+                PresenceInfo::Hidden => ("hidden", None),
+            };
+            say!(
+                "{}",
+                json!({"number": phone.as_str(), "presence": state, "last_seen": last_seen})
+            );
+        } else {
+            say!("{phone}  {}", presence_words(p));
+        }
+    }
+
+    /// Privacy settings and blocked numbers.
+    pub fn privacy(&self, p: &natter_proto::social::Privacy) {
+        let s = p.settings.clone().unwrap_or_default();
+        let last_seen = match natter_proto::social::Visibility::try_from(s.last_seen) {
+            Ok(natter_proto::social::Visibility::Contacts) => "contacts",
+            Ok(natter_proto::social::Visibility::Nobody) => "nobody",
+            _ => "everyone",
+        };
+        if self.json {
+            say!(
+                "{}",
+                json!({
+                    "last_seen": last_seen,
+                    "read_receipts": !s.read_receipts_off,
+                    "blocked": p.blocked,
+                })
+            );
+        } else {
+            say!("last seen: {last_seen}");
+            say!(
+                "read receipts: {}",
+                if s.read_receipts_off { "off" } else { "on" }
+            );
+            for b in &p.blocked {
+                say!("blocked: {b}");
             }
         }
     }
@@ -534,6 +663,29 @@ impl Printer {
             eprintln!("{text}");
         } else {
             say!("{text}");
+        }
+    }
+}
+
+/// "online", "last seen 5 min ago", "hidden".
+pub fn presence_words(p: natter_client::PresenceInfo) -> String {
+    use natter_client::PresenceInfo;
+    match p {
+        PresenceInfo::Online => "online".into(),
+        PresenceInfo::Hidden => "hidden".into(),
+        PresenceInfo::LastSeen(0) => "offline".into(),
+        PresenceInfo::LastSeen(t) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            let ago = now.saturating_sub(t) / 1000;
+            match ago {
+                0..60 => "last seen just now".into(),
+                60..3600 => format!("last seen {} min ago", ago / 60),
+                3600..86_400 => format!("last seen {} h ago", ago / 3600),
+                _ => format!("last seen {} days ago", ago / 86_400),
+            }
         }
     }
 }

@@ -432,3 +432,131 @@ async fn send_file_send_voice_recv_and_download() {
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("no media message"), "{}", r.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contacts_profile_presence_privacy_and_block() {
+    let server = TestServer::start().await;
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (alice, bob) = ("+15550006101", "+15550006102");
+    register(&server, a.path(), alice).await;
+    register(&server, b.path(), bob).await;
+    let files = tempfile::tempdir().unwrap();
+    let json = |home: &Path, args: &'static [&'static str]| {
+        let home = home.to_path_buf();
+        async move {
+            let mut all = vec!["--json"];
+            all.extend_from_slice(args);
+            let r = natter_in(&home, None, &all).await;
+            ok(&r, &args.join(" "));
+            json_lines(&r.stdout)
+        }
+    };
+
+    // Alice's book: Bob (national format), a non-user, and a line that is not a number.
+    let book = files.path().join("contacts.vcf");
+    std::fs::write(
+        &book,
+        "BEGIN:VCARD\nVERSION:3.0\nFN:Bob\nTEL:(555) 000-6102\nEND:VCARD\n\
+         BEGIN:VCARD\nVERSION:4.0\nFN:Nobody\nTEL;VALUE=uri:tel:+1-202-555-0199\nEND:VCARD\n\
+         BEGIN:VCARD\nVERSION:3.0\nFN:Odd\nTEL:call me\nEND:VCARD\n",
+    )
+    .unwrap();
+    let book_arg = book.display().to_string();
+    let r = natter_in(
+        a.path(),
+        None,
+        &["--json", "contacts", "import", &book_arg, "--region", "US"],
+    )
+    .await;
+    ok(&r, "contacts import");
+    let report = &json_lines(&r.stdout)[0];
+    assert_eq!(report["numbers"], 2);
+    assert_eq!(report["skipped"], 1);
+    assert_eq!(report["on_natter"], serde_json::json!([bob]));
+    assert!(
+        r.stderr.contains("line 14") && r.stderr.contains("call me"),
+        "{}",
+        r.stderr
+    );
+
+    // Bob's book has Alice; Bob sets a profile; Alice sees it in her contacts.
+    let bob_book = files.path().join("bob.csv");
+    std::fs::write(&bob_book, format!("name,phone\nAlice,{alice}\n")).unwrap();
+    let bob_book_arg = bob_book.display().to_string();
+    ok(
+        &natter_in(b.path(), None, &["contacts", "import", &bob_book_arg]).await,
+        "bob's import",
+    );
+    let r = natter_in(
+        b.path(),
+        None,
+        &["profile", "set", "--name", "Bobby", "--about", "on a boat"],
+    )
+    .await;
+    ok(&r, "profile set");
+    let mut tries = 0;
+    loop {
+        let contacts = json(a.path(), &["contacts"]).await;
+        let c = contacts
+            .iter()
+            .find(|c| c["number"] == bob)
+            .expect("bob listed");
+        assert_eq!(c["name"], "Bob");
+        assert_eq!(c["on_natter"], true);
+        if c["profile_name"] == "Bobby" {
+            assert_eq!(c["about"], "on a boat");
+            break;
+        }
+        tries += 1;
+        assert!(tries < 50, "{c}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = natter_in(a.path(), None, &["--json", "profile", "show", bob]).await;
+    ok(&r, "profile show");
+    assert_eq!(json_lines(&r.stdout)[0]["name"], "Bobby");
+
+    // Presence: Bob is offline (no process of his runs); hidden once he says nobody.
+    let p = &json(a.path(), &["presence", "+15550006102"]).await[0];
+    assert_eq!(p["presence"], "offline");
+    assert!(p["last_seen"].as_u64().unwrap() > 0, "{p}");
+    ok(
+        &natter_in(b.path(), None, &["privacy", "last-seen", "nobody"]).await,
+        "privacy last-seen",
+    );
+    let p = &json(a.path(), &["presence", "+15550006102"]).await[0];
+    assert_eq!(p["presence"], "hidden");
+    ok(
+        &natter_in(b.path(), None, &["privacy", "read-receipts", "off"]).await,
+        "privacy read-receipts",
+    );
+    let s = &json(b.path(), &["privacy"]).await[0];
+    assert_eq!(s["last_seen"], "nobody");
+    assert_eq!(s["read_receipts"], false);
+
+    // A block: Bob's messages to Alice are refused.
+    ok(&natter_in(a.path(), None, &["block", bob]).await, "block");
+    let r = natter_in(b.path(), None, &["send", alice, "hello?"]).await;
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(r.stderr.contains("does not accept"), "{}", r.stderr);
+    assert_eq!(
+        json(a.path(), &["privacy"]).await[0]["blocked"],
+        serde_json::json!([bob])
+    );
+    ok(
+        &natter_in(a.path(), None, &["unblock", bob]).await,
+        "unblock",
+    );
+    ok(
+        &natter_in(b.path(), None, &["send", alice, "hello!"]).await,
+        "send after unblock",
+    );
+
+    // Bad input: clear errors.
+    let r = natter_in(a.path(), None, &["privacy", "last-seen", "friends"]).await;
+    assert_ne!(r.code, 0);
+    let r = natter_in(a.path(), None, &["contacts", "import", "/no/such/file.vcf"]).await;
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("/no/such/file.vcf"), "{}", r.stderr);
+    let r = natter_in(a.path(), None, &["profile", "set"]).await;
+    assert_ne!(r.code, 0);
+}

@@ -13,7 +13,7 @@ use serde_json::Value;
 use tokio::process::{Child, Command};
 
 /// A safety net only.
-const WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(90);
 
 const ALICE: &str = "+15550400001";
 const BOB: &str = "+15550400002";

@@ -595,6 +595,15 @@ impl Client {
         self.emit(Event::Connected);
         self.spawn_app_state_sync(None);
         self.spawn_history_jobs();
+        {
+            // Read receipts follow the account's privacy settings, which another device may change.
+            let client = self.background();
+            tokio::spawn(async move {
+                if let Err(e) = client.privacy().await {
+                    tracing::debug!(error = %e, "privacy settings not refreshed");
+                }
+            });
+        }
         if identity.device_id == DeviceId::PRIMARY {
             // Companions may have left (or been logged out) while the phone was away.
             let client = self.background();

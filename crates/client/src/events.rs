@@ -65,4 +65,18 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// A followed account came online or went offline (see [`crate::Client::presence`]).
+    Presence {
+        /// The account.
+        phone: PhoneNumber,
+        /// What we may see of it.
+        presence: crate::contacts::PresenceInfo,
+    },
+    /// A chat partner started or stopped typing.
+    Typing {
+        /// Who.
+        phone: PhoneNumber,
+        /// Typing now.
+        typing: bool,
+    },
 }

@@ -15,12 +15,16 @@
 //! - [`store`]: the [`store::ClientStore`] trait and its backends.
 //! - [`events`]: the [`Event`]s a UI listens to.
 //! - [`history`]: history sync from the primary to a new companion, and requests for older history.
+//! - [`contacts`] and [`addressbook`]: address-book import and discovery, encrypted profiles, privacy
+//!   settings, blocking, presence and typing.
 //!
 //! Every state change that matters (a ratchet step, a message, an envelope marked processed) is saved
 //! atomically before the server is told it may forget anything.
 
+pub mod addressbook;
 pub mod appstate;
 pub mod client;
+pub mod contacts;
 pub mod devices;
 pub mod error;
 pub mod events;
@@ -32,6 +36,7 @@ pub mod net;
 pub mod store;
 
 pub use client::{Client, WhoAmI};
+pub use contacts::{Contact, ImportReport, PresenceInfo, ProfileInfo};
 pub use error::{ClientError, Result};
 pub use events::Event;
 pub use history::{HistoryOptions, HistorySent};

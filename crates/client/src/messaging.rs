@@ -491,6 +491,22 @@ impl Client {
                             push::Body::AppStateChanged(c) => {
                                 self.spawn_app_state_sync(Some(c.collection));
                             }
+                            push::Body::Presence(p) => {
+                                if let Ok(phone) = PhoneNumber::from_e164(&p.phone) {
+                                    self.emit(Event::Presence {
+                                        phone,
+                                        presence: crate::contacts::PresenceInfo::from_wire(&p),
+                                    });
+                                }
+                            }
+                            push::Body::Typing(t) => {
+                                if let Ok(phone) = PhoneNumber::from_e164(&t.from) {
+                                    self.emit(Event::Typing {
+                                        phone,
+                                        typing: t.typing,
+                                    });
+                                }
+                            }
                             push::Body::Envelope(_)
                             | push::Body::LinkOffered(_)
                             | push::Body::LinkDone(_) => {}
@@ -897,8 +913,11 @@ impl Client {
                 if from_me {
                     return Ok(());
                 }
+                // With read receipts off, none are shown either (as in WhatsApp).
                 let status = match ReceiptKind::try_from(r.kind) {
-                    Ok(ReceiptKind::Read) => MessageStatus::Read,
+                    Ok(ReceiptKind::Read) if !self.read_receipts_off().await? => {
+                        MessageStatus::Read
+                    }
                     _ => MessageStatus::Delivered,
                 };
                 for raw in r.message_ids.iter().take(MAX_RECEIPT_IDS) {
@@ -1002,6 +1021,10 @@ impl Client {
                     });
                 }
             }
+            Some(content::content::Body::ProfileKey(k)) => {
+                let current = self.profile_key_version(me, sender).await?;
+                self.profile_key_received(me, sender, device, &k, changes, current);
+            }
             None => tracing::debug!("content without a body"),
         }
         Ok(())
@@ -1028,8 +1051,10 @@ impl Client {
                 read.entry(m.chat.clone()).or_default().push(m.id);
             }
         }
-        for (chat, ids) in read {
-            self.queue_receipts(&mut changes, &chat, &ids, ReceiptKind::Read)?;
+        if !self.read_receipts_off().await? {
+            for (chat, ids) in read {
+                self.queue_receipts(&mut changes, &chat, &ids, ReceiptKind::Read)?;
+            }
         }
         self.inner.store.save_changes(changes).await?;
         if self.is_connected() {

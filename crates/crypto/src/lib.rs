@@ -13,6 +13,7 @@ pub mod device_list;
 pub mod error;
 pub mod link;
 pub mod media;
+pub mod profile;
 pub mod safety;
 pub mod session;
 pub mod store_cipher;

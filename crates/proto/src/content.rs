@@ -12,7 +12,7 @@ pub struct Content {
     #[prost(uint64, tag = "2")]
     pub sent_at_ms: u64,
     /// What it is.
-    #[prost(oneof = "content::Body", tags = "3, 4, 5, 7, 8, 9, 10, 11")]
+    #[prost(oneof = "content::Body", tags = "3, 4, 5, 7, 8, 9, 10, 11, 40")]
     pub body: Option<content::Body>,
     /// For copies sent to the sender's own other devices: the conversation (peer account) the message
     /// belongs to. Empty in copies for the peer.
@@ -50,6 +50,9 @@ pub mod content {
         /// Between an account's own devices: "my app state failed verification, upload a snapshot".
         #[prost(message, tag = "11")]
         AppStateRecovery(super::AppStateRecovery),
+        /// The sender's profile key, so the receiver can read the sender's encrypted profile.
+        #[prost(message, tag = "40")]
+        ProfileKey(super::ProfileKey),
     }
 }
 
@@ -387,4 +390,15 @@ pub struct AppStateRecovery {
     /// The collection that failed verification.
     #[prost(string, tag = "1")]
     pub collection: String,
+}
+
+/// An account's profile key (see `natter_crypto::profile`), shared with its contacts and its own devices.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ProfileKey {
+    /// The 32-byte key.
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+    /// Increases with every rotation; an older key never replaces a newer one.
+    #[prost(uint64, tag = "2")]
+    pub version: u64,
 }

@@ -202,6 +202,13 @@ pub fn check_content(c: &Content) -> Result<(), ProtoError> {
                 m.validate()?;
             }
         }
+        Some(content::Body::ProfileKey(k)) => {
+            if k.key.len() != 32 {
+                return Err(ProtoError::Invalid {
+                    what: "profile key",
+                });
+            }
+        }
         Some(content::Body::HistoryRequest(_))
         | Some(content::Body::AppStateKeyShare(_))
         | Some(content::Body::AppStateRecovery(_)) => {}

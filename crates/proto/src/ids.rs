@@ -49,6 +49,46 @@ impl PhoneNumber {
         Self::from_e164(&e164).map_err(|_| invalid())
     }
 
+    /// Parses a number from an address book: international (`+…`, or `00…` for the `+`) as
+    /// [`PhoneNumber::parse`] does, or national (`(555) 000-0001`) with `region`, an ISO 3166 country code
+    /// such as `US`. Letters, extensions and over-long input are refused.
+    pub fn parse_in(input: &str, region: Option<&str>) -> Result<Self, IdError> {
+        let invalid = || IdError::InvalidPhoneNumber(input.chars().take(32).collect());
+        let trimmed = input.trim();
+        if trimmed.len() > 32 {
+            return Err(invalid());
+        }
+        if trimmed.starts_with('+') {
+            return Self::parse(trimmed);
+        }
+        if let Some(rest) = trimmed.strip_prefix("00") {
+            return Self::parse(&format!("+{rest}")).map_err(|_| invalid());
+        }
+        let allowed = |c: char| c.is_ascii_digit() || matches!(c, ' ' | '-' | '.' | '(' | ')');
+        if trimmed.is_empty() || !trimmed.chars().all(allowed) {
+            return Err(invalid());
+        }
+        let region: phonenumber::country::Id = region
+            .ok_or_else(invalid)?
+            .to_ascii_uppercase()
+            .parse()
+            .map_err(|_| invalid())?;
+        let parsed = phonenumber::parse(Some(region), trimmed).map_err(|_| invalid())?;
+        if !phonenumber::is_viable(trimmed) {
+            return Err(invalid());
+        }
+        let e164 = parsed.format().mode(phonenumber::Mode::E164).to_string();
+        Self::from_e164(&e164).map_err(|_| invalid())
+    }
+
+    /// The ISO 3166 code of the number's country (`US` for `+1…`, the main country of a shared code),
+    /// if libphonenumber knows it: the default region for national numbers in this account's address
+    /// book.
+    pub fn region(&self) -> Option<String> {
+        let parsed = phonenumber::parse(None, &self.0).ok()?;
+        parsed.country().id().map(|id| id.as_ref().to_owned())
+    }
+
     /// Accepts a number already in E.164 form (as it travels on the wire): `+`, then 8 to 15 digits, the
     /// first not zero. Cheap: no metadata lookup.
     pub fn from_e164(s: &str) -> Result<Self, IdError> {
@@ -215,6 +255,46 @@ impl TryFrom<String> for MessageId {
 impl From<MessageId> for String {
     fn from(m: MessageId) -> String {
         m.to_hex()
+    }
+}
+
+#[cfg(test)]
+mod address_book_tests {
+    use super::*;
+
+    #[test]
+    fn national_and_international_forms() {
+        let us = Some("US");
+        let want = "+12025550123";
+        for input in [
+            "+1 202-555-0123",
+            "001 202 555 0123",
+            "(202) 555-0123",
+            "202.555.0123",
+            " 2025550123 ",
+        ] {
+            assert_eq!(
+                PhoneNumber::parse_in(input, us).unwrap().as_str(),
+                want,
+                "{input}"
+            );
+        }
+        assert_eq!(
+            PhoneNumber::parse_in("030 1234567", Some("de"))
+                .unwrap()
+                .as_str(),
+            "+49301234567"
+        );
+        for bad in ["", "call me", "555-CALL", "202 555 0123 ext 4", "12", "+"] {
+            assert!(PhoneNumber::parse_in(bad, us).is_err(), "{bad}");
+        }
+        assert!(
+            PhoneNumber::parse_in("(202) 555-0123", None).is_err(),
+            "national needs a region"
+        );
+        assert!(PhoneNumber::parse_in("(202) 555-0123", Some("XX")).is_err());
+        let n = PhoneNumber::from_e164(want).unwrap();
+        assert_eq!(n.region().as_deref(), Some("US"));
     }
 }
 

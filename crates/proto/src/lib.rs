@@ -23,6 +23,7 @@ pub mod ids;
 pub mod limits;
 pub mod link;
 pub mod noise;
+pub mod social;
 pub mod wire;
 
 pub use error::ProtoError;

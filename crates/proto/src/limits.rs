@@ -18,6 +18,20 @@ pub const MAX_HANDSHAKE_PAYLOAD: usize = 1024;
 pub const MAX_DEVICES_PER_ACCOUNT: usize = 5;
 /// Companions per account.
 pub const MAX_COMPANIONS: usize = MAX_DEVICES_PER_ACCOUNT - 1;
+/// Numbers in one discovery request (or one contact removal).
+pub const MAX_DISCOVERY_BATCH: usize = 1_000;
+/// Numbers an account may look up per day, by default (natterd `--discovery-account-quota`).
+pub const DISCOVERY_ACCOUNT_QUOTA: u32 = 20_000;
+/// Numbers one IP address may look up per day, by default (natterd `--discovery-ip-quota`).
+pub const DISCOVERY_IP_QUOTA: u32 = 100_000;
+/// An encrypted profile (name, about, avatar) as stored by the server.
+pub const MAX_PROFILE_CIPHERTEXT: usize = 96 * 1024;
+/// A profile's display name, in bytes.
+pub const MAX_PROFILE_NAME: usize = 64;
+/// A profile's avatar JPEG, in bytes (the client scales pictures down to fit).
+pub const MAX_AVATAR_BYTES: usize = 64 * 1024;
+/// Accounts one connection may follow the presence of.
+pub const MAX_PRESENCE_SUBSCRIPTIONS: usize = 1_000;
 /// Members of a group.
 pub const MAX_GROUP_MEMBERS: usize = 1024;
 

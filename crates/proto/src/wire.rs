@@ -110,7 +110,7 @@ pub struct Request {
     /// The operation.
     #[prost(
         oneof = "request::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 40, 41, 42, 43, 44, 45, 46, 47, 48"
     )]
     pub body: Option<request::Body>,
 }
@@ -168,6 +168,33 @@ pub mod request {
         /// Fetch an app-state collection from a version on (snapshot and/or patches).
         #[prost(message, tag = "17")]
         FetchAppState(super::FetchAppState),
+        /// Which of these numbers have an account.
+        #[prost(message, tag = "40")]
+        Discover(crate::social::Discover),
+        /// Remove numbers from the caller's contacts.
+        #[prost(message, tag = "41")]
+        ForgetContacts(crate::social::ForgetContacts),
+        /// Store the caller's encrypted profile.
+        #[prost(message, tag = "42")]
+        SetProfile(crate::social::SetProfile),
+        /// Fetch an account's encrypted profile.
+        #[prost(message, tag = "43")]
+        GetProfile(crate::social::GetProfile),
+        /// Replace the caller's privacy settings.
+        #[prost(message, tag = "44")]
+        SetPrivacy(crate::social::SetPrivacy),
+        /// The caller's privacy settings and blocked numbers.
+        #[prost(message, tag = "45")]
+        GetPrivacy(crate::social::GetPrivacy),
+        /// Block or unblock an account.
+        #[prost(message, tag = "46")]
+        Block(crate::social::Block),
+        /// An account's presence, and pushes when it changes.
+        #[prost(message, tag = "47")]
+        SubscribePresence(crate::social::SubscribePresence),
+        /// Tell a chat partner about typing.
+        #[prost(message, tag = "48")]
+        SendTyping(crate::social::SendTyping),
     }
 }
 
@@ -183,7 +210,7 @@ pub struct Response {
     /// The result of a successful request.
     #[prost(
         oneof = "response::Body",
-        tags = "3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15"
+        tags = "3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 40, 41, 42, 43"
     )]
     pub body: Option<response::Body>,
 }
@@ -232,6 +259,18 @@ pub mod response {
         /// A collection from a version on.
         #[prost(message, tag = "15")]
         AppState(super::AppState),
+        /// The registered subset of a discovery.
+        #[prost(message, tag = "40")]
+        Discovered(crate::social::Discovered),
+        /// An encrypted profile.
+        #[prost(message, tag = "41")]
+        Profile(crate::social::Profile),
+        /// Privacy settings and blocked numbers.
+        #[prost(message, tag = "42")]
+        Privacy(crate::social::Privacy),
+        /// An account's presence.
+        #[prost(message, tag = "43")]
+        Presence(crate::social::PresenceState),
     }
 }
 
@@ -304,6 +343,8 @@ pub enum ErrorCode {
     UnknownBlob = 22,
     /// An app-state patch was based on an old version: fetch, re-apply, push again.
     AppStateConflict = 23,
+    /// The other account does not accept this from the caller (it blocked the caller).
+    Blocked = 40,
 }
 
 /// For one account, the devices a send missed and the devices it addressed that do not exist.
@@ -520,7 +561,7 @@ pub struct Sent {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Push {
     /// What it is.
-    #[prost(oneof = "push::Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
+    #[prost(oneof = "push::Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 40, 41")]
     pub body: Option<push::Body>,
 }
 
@@ -557,6 +598,12 @@ pub mod push {
         /// Another device of the account changed an app-state collection: fetch it.
         #[prost(message, tag = "9")]
         AppStateChanged(super::AppStateChanged),
+        /// A subscribed account's presence changed (no acknowledgement).
+        #[prost(message, tag = "40")]
+        Presence(crate::social::PresenceState),
+        /// A chat partner is typing (no acknowledgement).
+        #[prost(message, tag = "41")]
+        Typing(crate::social::Typing),
     }
 }
 

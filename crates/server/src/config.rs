@@ -33,6 +33,11 @@ pub struct ServerConfig {
     pub http_listen: Option<SocketAddr>,
     /// Bytes of unexpired blobs one account may have. Default 10 GiB.
     pub media_quota_bytes: u64,
+    /// Numbers one account may look up (contact discovery) per day. Default
+    /// [`limits::DISCOVERY_ACCOUNT_QUOTA`].
+    pub discovery_account_quota: u32,
+    /// Numbers one client IP may look up per day. Default [`limits::DISCOVERY_IP_QUOTA`].
+    pub discovery_ip_quota: u32,
     /// Limits against abuse of the network edge and the queues.
     pub abuse: AbuseLimits,
 }
@@ -122,6 +127,8 @@ impl ServerConfig {
             companion_logout_after: Duration::from_secs(14 * 24 * 3600),
             http_listen: None,
             media_quota_bytes: 10 * 1024 * 1024 * 1024,
+            discovery_account_quota: limits::DISCOVERY_ACCOUNT_QUOTA,
+            discovery_ip_quota: limits::DISCOVERY_IP_QUOTA,
             abuse: AbuseLimits::default(),
         }
     }

@@ -41,6 +41,12 @@ struct Args {
     /// Storage quota per account for media blobs, in MiB.
     #[arg(long, default_value_t = 10 * 1024)]
     media_quota_mib: u64,
+    /// Numbers one account may look up in contact discovery per day.
+    #[arg(long, default_value_t = natter_proto::limits::DISCOVERY_ACCOUNT_QUOTA)]
+    discovery_account_quota: u32,
+    /// Numbers one client IP may look up in contact discovery per day.
+    #[arg(long, default_value_t = natter_proto::limits::DISCOVERY_IP_QUOTA)]
+    discovery_ip_quota: u32,
     /// Abuse limits.
     #[command(flatten)]
     abuse: AbuseArgs,
@@ -111,6 +117,8 @@ async fn main() -> anyhow::Result<()> {
         std::time::Duration::from_secs(args.companion_logout_days.max(1) * 24 * 3600);
     config.http_listen = Some(args.http_listen);
     config.media_quota_bytes = args.media_quota_mib.saturating_mul(1024 * 1024);
+    config.discovery_account_quota = args.discovery_account_quota;
+    config.discovery_ip_quota = args.discovery_ip_quota;
     args.abuse.apply(&mut config.abuse);
     let server = Server::start(config)
         .await

@@ -60,6 +60,10 @@ pub struct ServerState {
     pub watchers: crate::directory::Watchers,
     /// Device ids per account, for the send path.
     pub device_cache: crate::directory::DeviceCache,
+    /// Who is online, and who follows whom (in memory only).
+    pub presence: crate::directory::presence::Presence,
+    /// Contact-discovery quotas: numbers looked up per account and per IP per day.
+    pub discovery: crate::handlers::social::DiscoveryQuotas,
     /// The server's Noise static key, which clients pin.
     pub noise_key: StaticKeypair,
     /// Media blobs: tokens, blob store, grant URLs.
@@ -213,6 +217,8 @@ impl Server {
             links: Default::default(),
             watchers: Default::default(),
             device_cache: Default::default(),
+            presence: Default::default(),
+            discovery: crate::handlers::social::DiscoveryQuotas::new(&config),
             noise_key,
             limits: Arc::new(crate::transport::limits::EdgeLimits::new(
                 config.abuse.clone(),

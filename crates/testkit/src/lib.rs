@@ -163,11 +163,28 @@ impl TestClient {
         } = self;
         client.disconnect().await;
         drop(client);
-        let client = Client::open(home.path()).await.expect("reopen home");
+        let client = open_when_free(home.path()).await;
         TestClient {
             client,
             phone,
             home,
+        }
+    }
+}
+
+/// Opens a home that a client just closed: its background tasks (a history import, a flush) may hold
+/// the home's lock for a moment after it was dropped.
+async fn open_when_free(home: &Path) -> Client {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match Client::open(home).await {
+            Ok(c) => return c,
+            Err(natter_client::ClientError::HomeLocked(_))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("reopen home: {e}"),
         }
     }
 }
@@ -305,7 +322,7 @@ impl std::fmt::Debug for PoweredOff {
 impl PoweredOff {
     /// Opens the home again (not connected).
     pub async fn power_on(self) -> TestClient {
-        let client = Client::open(self.home.path()).await.expect("reopen home");
+        let client = open_when_free(self.home.path()).await;
         TestClient {
             client,
             phone: self.phone,

@@ -2,6 +2,8 @@
 //! code) and who follows which account's device list (so a change is pushed at once). Durable directory
 //! state (accounts, devices, lists, prekeys) lives in the [`crate::store::Store`].
 
+pub mod presence;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;

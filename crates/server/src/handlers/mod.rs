@@ -8,6 +8,7 @@ pub mod link;
 pub mod media;
 pub mod register;
 pub mod send;
+pub mod social;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -112,6 +113,15 @@ pub async fn handle(ctx: &RequestCtx, req: Request) -> Response {
         Some(request::Body::RequestDownload(r)) => media::request_download(ctx, r).await,
         Some(request::Body::PushAppState(r)) => app_state::push_app_state(ctx, r).await,
         Some(request::Body::FetchAppState(r)) => app_state::fetch_app_state(ctx, r).await,
+        Some(request::Body::Discover(r)) => social::discover(ctx, r).await,
+        Some(request::Body::ForgetContacts(r)) => social::forget_contacts(ctx, r).await,
+        Some(request::Body::SetProfile(r)) => social::set_profile(ctx, r).await,
+        Some(request::Body::GetProfile(r)) => social::get_profile(ctx, r).await,
+        Some(request::Body::SetPrivacy(r)) => social::set_privacy(ctx, r).await,
+        Some(request::Body::GetPrivacy(r)) => social::get_privacy(ctx, r).await,
+        Some(request::Body::Block(r)) => social::block(ctx, r).await,
+        Some(request::Body::SubscribePresence(r)) => social::subscribe_presence(ctx, r).await,
+        Some(request::Body::SendTyping(r)) => social::send_typing(ctx, r).await,
         None => Err(bad_request("unknown request")),
     };
     match result {

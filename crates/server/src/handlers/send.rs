@@ -50,6 +50,7 @@ pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::
     if peer_devices.is_empty() {
         return Err(unknown_account(&recipient));
     }
+    super::social::check_not_blocked(ctx, &recipient, &login.phone).await?;
     let own_devices: BTreeSet<DeviceId> = if recipient == login.phone {
         BTreeSet::new()
     } else {

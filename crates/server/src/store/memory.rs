@@ -23,8 +23,8 @@ use natter_proto::{DeviceId, MessageId, PhoneNumber};
 
 use super::{
     AccountRecord, AppStateFetch, BlobRecord, ClaimedPreKey, CodeRecord, DeviceListUpdate,
-    DeviceRecord, EnqueueOutcome, NewAccount, NewMessage, PreKeyRecord, QueuedEnvelope, Store,
-    StoreError, StoreResult,
+    DeviceRecord, EnqueueOutcome, NewAccount, NewMessage, PreKeyRecord, PrivacyRecord,
+    QueuedEnvelope, Store, StoreError, StoreResult,
 };
 
 /// A `u64` too large for the store (stored values must fit an SQL integer, i.e. `i64`).
@@ -66,6 +66,13 @@ struct Inner {
     blobs: HashMap<String, BlobRecord>,
     /// App-state collections by account and name.
     app_state: HashMap<(PhoneNumber, String), Collection>,
+    /// Contacts per account.
+    contacts: HashMap<PhoneNumber, std::collections::BTreeSet<PhoneNumber>>,
+    /// Encrypted profiles and when they were stored.
+    profiles: HashMap<PhoneNumber, (Vec<u8>, u64)>,
+    privacy: HashMap<PhoneNumber, PrivacyRecord>,
+    /// Blocked accounts per account.
+    blocked: HashMap<PhoneNumber, std::collections::BTreeSet<PhoneNumber>>,
 }
 
 #[derive(Debug, Default)]
@@ -603,5 +610,106 @@ impl Store for MemoryStore {
             snapshot,
             patches,
         })
+    }
+
+    async fn registered_among(&self, numbers: &[PhoneNumber]) -> StoreResult<Vec<PhoneNumber>> {
+        let inner = self.lock()?;
+        let mut found: Vec<PhoneNumber> = numbers
+            .iter()
+            .filter(|n| inner.accounts.contains_key(*n))
+            .cloned()
+            .collect();
+        found.sort();
+        found.dedup();
+        Ok(found)
+    }
+
+    async fn add_contacts(&self, owner: &PhoneNumber, contacts: &[PhoneNumber]) -> StoreResult<()> {
+        self.lock()?
+            .contacts
+            .entry(owner.clone())
+            .or_default()
+            .extend(contacts.iter().cloned());
+        Ok(())
+    }
+
+    async fn remove_contacts(
+        &self,
+        owner: &PhoneNumber,
+        contacts: &[PhoneNumber],
+    ) -> StoreResult<()> {
+        if let Some(set) = self.lock()?.contacts.get_mut(owner) {
+            for c in contacts {
+                set.remove(c);
+            }
+        }
+        Ok(())
+    }
+
+    async fn is_contact(&self, owner: &PhoneNumber, other: &PhoneNumber) -> StoreResult<bool> {
+        Ok(self
+            .lock()?
+            .contacts
+            .get(owner)
+            .is_some_and(|s| s.contains(other)))
+    }
+
+    async fn set_profile(
+        &self,
+        owner: &PhoneNumber,
+        ciphertext: &[u8],
+        now_ms: u64,
+    ) -> StoreResult<()> {
+        checked_i64("updated_ms", now_ms)?;
+        self.lock()?
+            .profiles
+            .insert(owner.clone(), (ciphertext.to_vec(), now_ms));
+        Ok(())
+    }
+
+    async fn get_profile(&self, owner: &PhoneNumber) -> StoreResult<Option<(Vec<u8>, u64)>> {
+        Ok(self.lock()?.profiles.get(owner).cloned())
+    }
+
+    async fn set_privacy(&self, owner: &PhoneNumber, privacy: PrivacyRecord) -> StoreResult<()> {
+        self.lock()?.privacy.insert(owner.clone(), privacy);
+        Ok(())
+    }
+
+    async fn get_privacy(&self, owner: &PhoneNumber) -> StoreResult<PrivacyRecord> {
+        Ok(self.lock()?.privacy.get(owner).copied().unwrap_or_default())
+    }
+
+    async fn set_blocked(
+        &self,
+        owner: &PhoneNumber,
+        other: &PhoneNumber,
+        blocked: bool,
+    ) -> StoreResult<()> {
+        let mut inner = self.lock()?;
+        let set = inner.blocked.entry(owner.clone()).or_default();
+        if blocked {
+            set.insert(other.clone());
+        } else {
+            set.remove(other);
+        }
+        Ok(())
+    }
+
+    async fn is_blocked(&self, owner: &PhoneNumber, other: &PhoneNumber) -> StoreResult<bool> {
+        Ok(self
+            .lock()?
+            .blocked
+            .get(owner)
+            .is_some_and(|s| s.contains(other)))
+    }
+
+    async fn blocked(&self, owner: &PhoneNumber) -> StoreResult<Vec<PhoneNumber>> {
+        Ok(self
+            .lock()?
+            .blocked
+            .get(owner)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default())
     }
 }

@@ -397,4 +397,53 @@ pub trait Store: Send + Sync + 'static {
         after_version: u64,
         max_patches: usize,
     ) -> StoreResult<AppStateFetch>;
+
+    // ---- contacts, profiles, privacy, blocking ----
+
+    /// Which of `numbers` have an account (each at most once, in any order). Reads only: nothing about
+    /// the other numbers is written anywhere.
+    async fn registered_among(&self, numbers: &[PhoneNumber]) -> StoreResult<Vec<PhoneNumber>>;
+    /// Adds accounts to `owner`'s contacts (the caller passes registered numbers only).
+    async fn add_contacts(&self, owner: &PhoneNumber, contacts: &[PhoneNumber]) -> StoreResult<()>;
+    /// Removes numbers from `owner`'s contacts (absent ones are ignored).
+    async fn remove_contacts(
+        &self,
+        owner: &PhoneNumber,
+        contacts: &[PhoneNumber],
+    ) -> StoreResult<()>;
+    /// Whether `other` is in `owner`'s contacts.
+    async fn is_contact(&self, owner: &PhoneNumber, other: &PhoneNumber) -> StoreResult<bool>;
+    /// Replaces `owner`'s encrypted profile.
+    async fn set_profile(
+        &self,
+        owner: &PhoneNumber,
+        ciphertext: &[u8],
+        now_ms: u64,
+    ) -> StoreResult<()>;
+    /// `owner`'s encrypted profile and when it was stored, if it set one.
+    async fn get_profile(&self, owner: &PhoneNumber) -> StoreResult<Option<(Vec<u8>, u64)>>;
+    /// Replaces `owner`'s privacy settings.
+    async fn set_privacy(&self, owner: &PhoneNumber, privacy: PrivacyRecord) -> StoreResult<()>;
+    /// `owner`'s privacy settings (the defaults if never set).
+    async fn get_privacy(&self, owner: &PhoneNumber) -> StoreResult<PrivacyRecord>;
+    /// Blocks (`true`) or unblocks `other` for `owner`.
+    async fn set_blocked(
+        &self,
+        owner: &PhoneNumber,
+        other: &PhoneNumber,
+        blocked: bool,
+    ) -> StoreResult<()>;
+    /// Whether `owner` blocked `other`.
+    async fn is_blocked(&self, owner: &PhoneNumber, other: &PhoneNumber) -> StoreResult<bool>;
+    /// Everyone `owner` blocked, by number.
+    async fn blocked(&self, owner: &PhoneNumber) -> StoreResult<Vec<PhoneNumber>>;
+}
+
+/// An account's privacy settings as stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrivacyRecord {
+    /// Who sees online and last seen.
+    pub last_seen: natter_proto::social::Visibility,
+    /// Read receipts neither sent nor shown (kept for the account's devices).
+    pub read_receipts_off: bool,
 }

@@ -27,8 +27,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::memory::checked_i64;
 use super::{
     AccountRecord, AppStateFetch, BlobRecord, ClaimedPreKey, CodeRecord, DeviceListUpdate,
-    DeviceRecord, EnqueueOutcome, NewAccount, NewMessage, PreKeyRecord, QueuedEnvelope, RetryInfo,
-    Store, StoreError, StoreResult,
+    DeviceRecord, EnqueueOutcome, NewAccount, NewMessage, PreKeyRecord, PrivacyRecord,
+    QueuedEnvelope, RetryInfo, Store, StoreError, StoreResult,
 };
 
 /// Most write commands the writer runs in one transaction.
@@ -53,6 +53,10 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 3,
         sql: include_str!("../../migrations/sqlite/003_app_state.sql"),
+    },
+    Migration {
+        version: 4,
+        sql: include_str!("../../migrations/sqlite/004_social.sql"),
     },
 ];
 
@@ -306,6 +310,10 @@ enum Op {
     ExtendBlob(String, u64),
     DeleteExpiredBlobs(u64, usize),
     PushAppState(PhoneNumber, String, u64, Vec<u8>, Option<Vec<u8>>),
+    Contacts(PhoneNumber, Vec<PhoneNumber>, bool),
+    SetProfile(PhoneNumber, Vec<u8>, u64),
+    SetPrivacy(PhoneNumber, PrivacyRecord),
+    SetBlocked(PhoneNumber, PhoneNumber, bool),
 }
 
 /// A write command's result.
@@ -570,6 +578,64 @@ impl Op {
                 push_app_state(conn, phone, collection, *base, patch, snapshot.as_deref())
                     .await
                     .map(Done::Version)
+            }
+            Op::Contacts(owner, contacts, add) => {
+                let sql = if *add {
+                    "INSERT INTO contacts (owner, contact) VALUES (?1, ?2) ON CONFLICT DO NOTHING"
+                } else {
+                    "DELETE FROM contacts WHERE owner = ?1 AND contact = ?2"
+                };
+                for c in contacts {
+                    sqlx::query(sql)
+                        .bind(owner.as_str())
+                        .bind(c.as_str())
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(db)?;
+                }
+                Ok(Done::Unit)
+            }
+            Op::SetProfile(owner, ciphertext, now_ms) => {
+                sqlx::query(
+                    "INSERT INTO profiles (phone, ciphertext, updated_ms) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (phone) DO UPDATE SET ciphertext = excluded.ciphertext, \
+                     updated_ms = excluded.updated_ms",
+                )
+                .bind(owner.as_str())
+                .bind(ciphertext.as_slice())
+                .bind(checked_i64("updated_ms", *now_ms)?)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+                Ok(Done::Unit)
+            }
+            Op::SetPrivacy(owner, p) => {
+                sqlx::query(
+                    "INSERT INTO privacy (phone, last_seen, read_receipts_off) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (phone) DO UPDATE SET last_seen = excluded.last_seen, \
+                     read_receipts_off = excluded.read_receipts_off",
+                )
+                .bind(owner.as_str())
+                .bind(p.last_seen as i64)
+                .bind(i64::from(p.read_receipts_off))
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+                Ok(Done::Unit)
+            }
+            Op::SetBlocked(owner, other, blocked) => {
+                let sql = if *blocked {
+                    "INSERT INTO blocks (owner, blocked) VALUES (?1, ?2) ON CONFLICT DO NOTHING"
+                } else {
+                    "DELETE FROM blocks WHERE owner = ?1 AND blocked = ?2"
+                };
+                sqlx::query(sql)
+                    .bind(owner.as_str())
+                    .bind(other.as_str())
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db)?;
+                Ok(Done::Unit)
             }
         }
     }
@@ -1480,5 +1546,125 @@ impl Store for SqliteStore {
             snapshot,
             patches,
         })
+    }
+
+    async fn registered_among(&self, numbers: &[PhoneNumber]) -> StoreResult<Vec<PhoneNumber>> {
+        // One statement for the whole batch: the numbers go in as one JSON array parameter.
+        let list = serde_json::to_string(&numbers.iter().map(|n| n.as_str()).collect::<Vec<_>>())
+            .map_err(|e| StoreError::Backend(Box::new(e)))?;
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT phone FROM accounts WHERE phone IN (SELECT value FROM json_each(?1)) \
+             ORDER BY phone",
+        )
+        .bind(list)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(|p| dec_phone(p)).collect()
+    }
+
+    async fn add_contacts(&self, owner: &PhoneNumber, contacts: &[PhoneNumber]) -> StoreResult<()> {
+        self.write_unit(Op::Contacts(owner.clone(), contacts.to_vec(), true))
+            .await
+    }
+
+    async fn remove_contacts(
+        &self,
+        owner: &PhoneNumber,
+        contacts: &[PhoneNumber],
+    ) -> StoreResult<()> {
+        self.write_unit(Op::Contacts(owner.clone(), contacts.to_vec(), false))
+            .await
+    }
+
+    async fn is_contact(&self, owner: &PhoneNumber, other: &PhoneNumber) -> StoreResult<bool> {
+        let row: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM contacts WHERE owner = ?1 AND contact = ?2")
+                .bind(owner.as_str())
+                .bind(other.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(row.is_some())
+    }
+
+    async fn set_profile(
+        &self,
+        owner: &PhoneNumber,
+        ciphertext: &[u8],
+        now_ms: u64,
+    ) -> StoreResult<()> {
+        self.write_unit(Op::SetProfile(owner.clone(), ciphertext.to_vec(), now_ms))
+            .await
+    }
+
+    async fn get_profile(&self, owner: &PhoneNumber) -> StoreResult<Option<(Vec<u8>, u64)>> {
+        let row: Option<(Vec<u8>, i64)> =
+            sqlx::query_as("SELECT ciphertext, updated_ms FROM profiles WHERE phone = ?1")
+                .bind(owner.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        row.map(|(c, at)| Ok((c, dec_u64("profile time", at)?)))
+            .transpose()
+    }
+
+    async fn set_privacy(&self, owner: &PhoneNumber, privacy: PrivacyRecord) -> StoreResult<()> {
+        self.write_unit(Op::SetPrivacy(owner.clone(), privacy))
+            .await
+    }
+
+    async fn get_privacy(&self, owner: &PhoneNumber) -> StoreResult<PrivacyRecord> {
+        let row: Option<(i64, i64)> =
+            sqlx::query_as("SELECT last_seen, read_receipts_off FROM privacy WHERE phone = ?1")
+                .bind(owner.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        let Some((last_seen, off)) = row else {
+            return Ok(PrivacyRecord::default());
+        };
+        Ok(PrivacyRecord {
+            last_seen: i32::try_from(last_seen)
+                .ok()
+                .and_then(|v| natter_proto::social::Visibility::try_from(v).ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("privacy setting {last_seen}")))?,
+            read_receipts_off: match off {
+                0 => false,
+                1 => true,
+                v => return Err(StoreError::Corrupt(format!("read_receipts_off: {v}"))),
+            },
+        })
+    }
+
+    async fn set_blocked(
+        &self,
+        owner: &PhoneNumber,
+        other: &PhoneNumber,
+        blocked: bool,
+    ) -> StoreResult<()> {
+        self.write_unit(Op::SetBlocked(owner.clone(), other.clone(), blocked))
+            .await
+    }
+
+    async fn is_blocked(&self, owner: &PhoneNumber, other: &PhoneNumber) -> StoreResult<bool> {
+        let row: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM blocks WHERE owner = ?1 AND blocked = ?2")
+                .bind(owner.as_str())
+                .bind(other.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(row.is_some())
+    }
+
+    async fn blocked(&self, owner: &PhoneNumber) -> StoreResult<Vec<PhoneNumber>> {
+        let rows: Vec<String> =
+            sqlx::query_scalar("SELECT blocked FROM blocks WHERE owner = ?1 ORDER BY blocked")
+                .bind(owner.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+        rows.iter().map(|p| dec_phone(p)).collect()
     }
 }

@@ -10,7 +10,7 @@ use super::memory::MemoryStore;
 use super::sqlite::SqliteStore;
 use super::{
     AccountRecord, BlobRecord, ClaimedPreKey, CodeRecord, DeviceRecord, EnqueueOutcome, NewAccount,
-    NewEnvelope, NewMessage, PreKeyRecord, QueuedEnvelope, Store, StoreError,
+    NewEnvelope, NewMessage, PreKeyRecord, PrivacyRecord, QueuedEnvelope, Store, StoreError,
 };
 
 // ---- fixtures ----
@@ -1019,7 +1019,65 @@ macro_rules! conformance {
     };
 }
 
+async fn social(s: &impl Store) {
+    use natter_proto::social::Visibility;
+    let (a, b, c, stranger) = (phone(1), phone(2), phone(3), phone(99));
+    s.create_account(&new_account(&a, 1)).await.unwrap();
+    s.create_account(&new_account(&b, 2)).await.unwrap();
+    s.create_account(&new_account(&c, 3)).await.unwrap();
+    // Discovery reads: registered ones only, once each, whatever the input order and repeats.
+    let asked = vec![stranger.clone(), c.clone(), b.clone(), c.clone()];
+    assert_eq!(
+        s.registered_among(&asked).await.unwrap(),
+        vec![b.clone(), c.clone()]
+    );
+    assert!(s.registered_among(&[]).await.unwrap().is_empty());
+
+    s.add_contacts(&a, &[b.clone(), c.clone()]).await.unwrap();
+    s.add_contacts(&a, std::slice::from_ref(&b)).await.unwrap();
+    assert!(s.is_contact(&a, &b).await.unwrap());
+    assert!(!s.is_contact(&b, &a).await.unwrap(), "contacts are one-way");
+    s.remove_contacts(&a, &[b.clone(), stranger.clone()])
+        .await
+        .unwrap();
+    assert!(!s.is_contact(&a, &b).await.unwrap());
+    assert!(s.is_contact(&a, &c).await.unwrap());
+
+    assert_eq!(s.get_profile(&a).await.unwrap(), None);
+    s.set_profile(&a, b"sealed-1", 10).await.unwrap();
+    s.set_profile(&a, b"sealed-2", 20).await.unwrap();
+    assert_eq!(
+        s.get_profile(&a).await.unwrap(),
+        Some((b"sealed-2".to_vec(), 20))
+    );
+
+    assert_eq!(s.get_privacy(&a).await.unwrap(), PrivacyRecord::default());
+    assert_eq!(
+        PrivacyRecord::default().last_seen,
+        Visibility::Everyone,
+        "last seen is visible by default"
+    );
+    let strict = PrivacyRecord {
+        last_seen: Visibility::Nobody,
+        read_receipts_off: true,
+    };
+    s.set_privacy(&a, strict).await.unwrap();
+    assert_eq!(s.get_privacy(&a).await.unwrap(), strict);
+    assert_eq!(s.get_privacy(&b).await.unwrap(), PrivacyRecord::default());
+
+    s.set_blocked(&a, &c, true).await.unwrap();
+    s.set_blocked(&a, &b, true).await.unwrap();
+    s.set_blocked(&a, &b, true).await.unwrap();
+    assert!(s.is_blocked(&a, &b).await.unwrap());
+    assert!(!s.is_blocked(&b, &a).await.unwrap());
+    assert_eq!(s.blocked(&a).await.unwrap(), vec![b.clone(), c.clone()]);
+    s.set_blocked(&a, &b, false).await.unwrap();
+    assert_eq!(s.blocked(&a).await.unwrap(), vec![c.clone()]);
+    assert!(s.blocked(&b).await.unwrap().is_empty());
+}
+
 conformance!(
+    social,
     device_list_updates,
     codes,
     create_account_new,
@@ -1125,7 +1183,7 @@ async fn sqlite_store_survives_reopen() {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(versions, vec![1, 2, 3]);
+    assert_eq!(versions, vec![1, 2, 3, 4]);
 }
 
 #[tokio::test]

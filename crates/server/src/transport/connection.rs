@@ -278,6 +278,9 @@ impl Conn {
                 .push(push_frame(push::Body::KeysLow(KeysLow { remaining: keys })));
         }
         tracing::debug!(device = %login.device, "logged in");
+        if state.presence.connected(&login.phone) {
+            announce_presence(state, &login.phone);
+        }
         self.login = Some(login);
         self.resync_from = Some(0);
         Ok(())
@@ -568,13 +571,31 @@ impl Conn {
     }
 
     fn finish(&mut self) {
+        self.state.presence.closed(self.shared.id);
         if let Some(login) = &self.login {
             self.state
                 .router
                 .unregister(&login.phone, login.device, self.shared.id);
+            if self
+                .state
+                .presence
+                .disconnected(&login.phone, crate::now_ms())
+            {
+                announce_presence(&self.state, &login.phone);
+            }
             tracing::debug!(device = %login.device, "logged out");
         }
     }
+}
+
+/// Tells an account's followers that it came online or went offline (in the background).
+fn announce_presence(state: &Arc<ServerState>, phone: &PhoneNumber) {
+    let (state, phone) = (state.clone(), phone.clone());
+    tokio::spawn(async move {
+        if let Err(e) = state.presence.announce(&*state.store, &phone).await {
+            tracing::debug!(error = %e, "presence not announced");
+        }
+    });
 }
 
 fn push_frame(body: push::Body) -> Frame {
