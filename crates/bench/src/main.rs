@@ -16,6 +16,7 @@
 mod adapter;
 mod idle;
 mod pairs;
+mod plot;
 mod report;
 mod stats;
 mod xmpp;
@@ -153,6 +154,19 @@ enum Scenario {
         #[arg(long, default_value_t = 35)]
         hold: u64,
     },
+    /// Draws latency against offered load from a side-by-side run's runs.txt
+    /// (scripts/bench-ejabberd.sh) as a PNG. Loads no server.
+    Plot {
+        /// The runs: lines `<server> <pairs summary line>`.
+        #[arg(long)]
+        runs: PathBuf,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// TrueType font for the labels.
+        #[arg(long, default_value = plot::DEFAULT_FONT)]
+        font: PathBuf,
+    },
 }
 
 async fn check_loopback(server: &str) -> Result<()> {
@@ -169,6 +183,13 @@ async fn check_loopback(server: &str) -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Scenario::Plot { runs, out, font } = &cli.scenario {
+        let text =
+            std::fs::read_to_string(runs).with_context(|| format!("reading {}", runs.display()))?;
+        plot::draw(&plot::parse_runs(&text)?, out, font)?;
+        println!("scenario=plot out={}", out.display());
+        return Ok(());
+    }
     let c = &cli.common;
     check_loopback(&c.server).await?;
     let server = c.server_pid.map(Proc::new).transpose()?;
@@ -284,6 +305,7 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await?
         }
+        Scenario::Plot { .. } => bail!("plot loads no server"),
     };
     // Other processes on the same cores skew every figure: record how busy the machine was.
     if let (Some(a), Some(b)) = (load_before, stats::loadavg_1m()) {
