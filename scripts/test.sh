@@ -16,6 +16,13 @@ if ((${#missing[@]})) && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
+echo "== cargo deny check licenses bans sources (deny.toml)"
+if ! cargo deny --version >/dev/null 2>&1; then
+    echo "cargo-deny is missing: installing it (a few minutes, once)" >&2
+    cargo install --locked cargo-deny
+fi
+cargo deny check licenses bans sources
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -94,56 +94,68 @@ pub fn draw(curves: &BTreeMap<String, Curve>, out: &Path, font: &Path) -> Result
     let y_min = (y_min * 0.5).max(0.001);
     let y_max = (y_max * 2.0).max(y_min * 10.0);
 
-    let root = BitMapBackend::new(out, (1000, 600)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "One-way latency vs offered load (pairs, median of runs)",
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(64)
-        .build_cartesian_2d(
-            ((x_min * 0.8)..(x_max * 1.25)).log_scale(),
-            (y_min..y_max).log_scale(),
-        )?;
-    chart
-        .configure_mesh()
-        .x_desc("offered messages/s")
-        .y_desc("latency, ms (log)")
-        .label_style(("sans-serif", 14))
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| format!("{y}"))
-        .draw()?;
-    let colours = [
-        RGBColor(0x1f, 0x77, 0xb4),
-        RGBColor(0xd6, 0x27, 0x28),
-        GREEN,
-        MAGENTA,
-    ];
-    for (i, (server, curve)) in curves.iter().enumerate() {
-        let colour = colours[i % colours.len()];
-        let p99: Vec<(f64, f64)> = curve.iter().map(|(&r, &(_, p))| (r as f64, p)).collect();
-        let p50: Vec<(f64, f64)> = curve.iter().map(|(&r, &(p, _))| (r as f64, p)).collect();
+    // Drawn into memory, then written with the `image` crate the workspace already uses for PNG.
+    const SIZE: (u32, u32) = (1000, 600);
+    let mut pixels = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, SIZE).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "One-way latency vs offered load (pairs, median of runs)",
+                ("sans-serif", 22),
+            )
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(64)
+            .build_cartesian_2d(
+                ((x_min * 0.8)..(x_max * 1.25)).log_scale(),
+                (y_min..y_max).log_scale(),
+            )?;
         chart
-            .draw_series(LineSeries::new(p99.clone(), colour.stroke_width(3)))?
-            .label(format!("{server} p99"))
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(3)));
-        chart.draw_series(p99.iter().map(|&p| Circle::new(p, 4, colour.filled())))?;
+            .configure_mesh()
+            .x_desc("offered messages/s")
+            .y_desc("latency, ms (log)")
+            .label_style(("sans-serif", 14))
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y}"))
+            .draw()?;
+        let colours = [
+            RGBColor(0x1f, 0x77, 0xb4),
+            RGBColor(0xd6, 0x27, 0x28),
+            GREEN,
+            MAGENTA,
+        ];
+        for (i, (server, curve)) in curves.iter().enumerate() {
+            let colour = colours[i % colours.len()];
+            let p99: Vec<(f64, f64)> = curve.iter().map(|(&r, &(_, p))| (r as f64, p)).collect();
+            let p50: Vec<(f64, f64)> = curve.iter().map(|(&r, &(p, _))| (r as f64, p)).collect();
+            chart
+                .draw_series(LineSeries::new(p99.clone(), colour.stroke_width(3)))?
+                .label(format!("{server} p99"))
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(3))
+                });
+            chart.draw_series(p99.iter().map(|&p| Circle::new(p, 4, colour.filled())))?;
+            chart
+                .draw_series(LineSeries::new(p50, colour.stroke_width(1)))?
+                .label(format!("{server} p50"))
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(1))
+                });
+        }
         chart
-            .draw_series(LineSeries::new(p50, colour.stroke_width(1)))?
-            .label(format!("{server} p50"))
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(1)));
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()?;
+        root.present()?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()?;
-    root.present()
+    image::RgbImage::from_raw(SIZE.0, SIZE.1, pixels)
+        .context("plot buffer of the wrong size")?
+        .save_with_format(out, image::ImageFormat::Png)
         .with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }
