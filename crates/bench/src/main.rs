@@ -19,6 +19,7 @@ mod pairs;
 mod plot;
 mod report;
 mod stats;
+mod storm;
 mod xmpp;
 
 use std::path::PathBuf;
@@ -153,6 +154,18 @@ enum Scenario {
         /// --settle, over 30 s lets every connection send one keep-alive ping, as clients do.
         #[arg(long, default_value_t = 35)]
         hold: u64,
+    },
+    /// Every connection reconnects at once: handshakes + logins per second and their server CPU.
+    Storm {
+        /// Devices that drop and reconnect together (this machine caps a process at 20,000 files).
+        #[arg(long, default_value_t = 5_000)]
+        connections: usize,
+        /// Reconnection attempts in flight at once (0: all).
+        #[arg(long, default_value_t = 0)]
+        concurrency: usize,
+        /// Devices registered earlier with `register --save FILE`.
+        #[arg(long)]
+        accounts_file: Option<PathBuf>,
     },
     /// Draws latency against offered load from a side-by-side run's runs.txt
     /// (scripts/bench-ejabberd.sh) as a PNG. Loads no server.
@@ -299,6 +312,29 @@ async fn run(cli: Cli) -> Result<()> {
                     one_time_keys: c.one_time_keys,
                     settle: Duration::from_secs(settle),
                     hold: Duration::from_secs(hold),
+                    timeout,
+                    server,
+                },
+            )
+            .await?
+        }
+        Scenario::Storm {
+            connections,
+            concurrency,
+            accounts_file,
+        } => {
+            storm::run(
+                &c.server,
+                sms,
+                storm::StormOptions {
+                    connections,
+                    accounts: accounts_file
+                        .as_deref()
+                        .map(adapter::Credentials::load_all)
+                        .transpose()?,
+                    concurrency,
+                    register_concurrency: c.register_concurrency,
+                    one_time_keys: c.one_time_keys,
                     timeout,
                     server,
                 },
