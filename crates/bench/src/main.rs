@@ -15,6 +15,7 @@
 
 mod adapter;
 mod idle;
+mod offline;
 mod pairs;
 mod plot;
 mod report;
@@ -154,6 +155,21 @@ enum Scenario {
         /// --settle, over 30 s lets every connection send one keep-alive ping, as clients do.
         #[arg(long, default_value_t = 35)]
         hold: u64,
+    },
+    /// Receivers offline while 10–100 messages each queue for them, then all connect and drain.
+    Offline {
+        /// Offline receivers (as many senders queue for them).
+        #[arg(long, default_value_t = 1_000)]
+        receivers: usize,
+        /// Fewest messages queued for one receiver.
+        #[arg(long, default_value_t = 10)]
+        min_queued: u32,
+        /// Most messages queued for one receiver.
+        #[arg(long, default_value_t = 100)]
+        max_queued: u32,
+        /// Bytes of text per message.
+        #[arg(long, default_value_t = 170)]
+        text_bytes: usize,
     },
     /// Every connection reconnects at once: handshakes + logins per second and their server CPU.
     Storm {
@@ -334,6 +350,28 @@ async fn run(cli: Cli) -> Result<()> {
                         .transpose()?,
                     concurrency,
                     register_concurrency: c.register_concurrency,
+                    one_time_keys: c.one_time_keys,
+                    timeout,
+                    server,
+                },
+            )
+            .await?
+        }
+        Scenario::Offline {
+            receivers,
+            min_queued,
+            max_queued,
+            text_bytes,
+        } => {
+            offline::run(
+                &c.server,
+                sms,
+                offline::OfflineOptions {
+                    receivers,
+                    min_queued,
+                    max_queued,
+                    text_bytes,
+                    concurrency: c.register_concurrency,
                     one_time_keys: c.one_time_keys,
                     timeout,
                     server,
