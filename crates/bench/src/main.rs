@@ -15,6 +15,7 @@
 
 mod adapter;
 mod idle;
+mod mixed;
 mod offline;
 mod pairs;
 mod plot;
@@ -155,6 +156,30 @@ enum Scenario {
         /// --settle, over 30 s lets every connection send one keep-alive ping, as clients do.
         #[arg(long, default_value_t = 35)]
         hold: u64,
+    },
+    /// Many connections held idle while a share of them runs `pairs` at an offered rate.
+    Mixed {
+        /// Connections in all, idle and active.
+        #[arg(long, default_value_t = 18_000)]
+        connections: usize,
+        /// Share of the connections that is active (half send, half receive).
+        #[arg(long, default_value_t = 0.1)]
+        active_share: f64,
+        /// Messages each active sender sends.
+        #[arg(long, default_value_t = 100)]
+        messages: u32,
+        /// Offered load over all active pairs, messages per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Replay pre-encrypted ciphertexts (loads the server alone).
+        #[arg(long)]
+        pre_encrypted: bool,
+        /// Idle devices registered earlier with `register --save FILE`.
+        #[arg(long)]
+        accounts_file: Option<PathBuf>,
+        /// Idle connections opened at once.
+        #[arg(long, default_value_t = 64)]
+        connect_concurrency: usize,
     },
     /// Receivers offline while 10–100 messages each queue for them, then all connect and drain.
     Offline {
@@ -353,6 +378,46 @@ async fn run(cli: Cli) -> Result<()> {
                     one_time_keys: c.one_time_keys,
                     timeout,
                     server,
+                },
+            )
+            .await?
+        }
+        Scenario::Mixed {
+            connections,
+            active_share,
+            messages,
+            rate,
+            pre_encrypted,
+            accounts_file,
+            connect_concurrency,
+        } => {
+            if !(rate.is_finite() && rate > 0.0) {
+                bail!("--rate must be a positive number of messages per second");
+            }
+            mixed::run(
+                &c.server,
+                sms,
+                mixed::MixedOptions {
+                    connections,
+                    active_share,
+                    pairs: pairs::PairsOptions {
+                        pairs: 0,
+                        messages,
+                        rate: Some(rate),
+                        window: natter_proto::limits::MAX_INFLIGHT_REQUESTS.min(32),
+                        pre_encrypted,
+                        pool: 64,
+                        text_bytes: 170,
+                        concurrency: c.register_concurrency,
+                        one_time_keys: c.one_time_keys,
+                        timeout,
+                        server,
+                    },
+                    accounts: accounts_file
+                        .as_deref()
+                        .map(adapter::Credentials::load_all)
+                        .transpose()?,
+                    connect_concurrency,
                 },
             )
             .await?
