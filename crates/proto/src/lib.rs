@@ -27,7 +27,7 @@ pub mod social;
 pub mod wire;
 
 pub use error::ProtoError;
-pub use ids::{DeviceId, IdError, MessageId, PhoneNumber};
+pub use ids::{DeviceId, GroupId, IdError, MessageId, PhoneNumber};
 
 /// The protocol version this build speaks. Sent in the first frame of every connection.
 pub const PROTOCOL_VERSION: u32 = 1;
