@@ -808,6 +808,28 @@ impl Store for MemoryStore {
             .map(|g| g.group.id)
             .collect())
     }
+
+    async fn group_blockers(
+        &self,
+        id: &GroupId,
+        sender: &PhoneNumber,
+    ) -> StoreResult<Vec<PhoneNumber>> {
+        let inner = self.lock()?;
+        let Some(group) = inner.groups.get(id) else {
+            return Ok(Vec::new());
+        };
+        Ok(group
+            .members
+            .iter()
+            .filter(|m| {
+                inner
+                    .blocked
+                    .get(&m.phone)
+                    .is_some_and(|b| b.contains(sender))
+            })
+            .map(|m| m.phone.clone())
+            .collect())
+    }
 }
 
 /// A group state with its members ordered by number.

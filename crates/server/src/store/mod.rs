@@ -508,6 +508,13 @@ pub trait Store: Send + Sync + 'static {
     async fn group_devices(&self, id: &GroupId) -> StoreResult<Vec<(PhoneNumber, DeviceId)>>;
     /// The groups an account is a member of, ordered by id.
     async fn groups_of(&self, phone: &PhoneNumber) -> StoreResult<Vec<GroupId>>;
+    /// The members of a group who blocked `sender`, ordered by number (one read per group send: they
+    /// get nothing from `sender`).
+    async fn group_blockers(
+        &self,
+        id: &GroupId,
+        sender: &PhoneNumber,
+    ) -> StoreResult<Vec<PhoneNumber>>;
 }
 
 /// An account's privacy settings as stored.

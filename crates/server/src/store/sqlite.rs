@@ -1867,4 +1867,21 @@ impl Store for SqliteStore {
         .map_err(db)?;
         rows.iter().map(|g| dec_group_id(g)).collect()
     }
+
+    async fn group_blockers(
+        &self,
+        id: &GroupId,
+        sender: &PhoneNumber,
+    ) -> StoreResult<Vec<PhoneNumber>> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT m.phone FROM group_members m JOIN blocks b ON b.owner = m.phone \
+             WHERE m.group_id = ?1 AND b.blocked = ?2 ORDER BY m.phone",
+        )
+        .bind(id.as_bytes().as_slice())
+        .bind(sender.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(|p| dec_phone(p)).collect()
+    }
 }

@@ -1121,6 +1121,13 @@ async fn groups(s: &dyn Store) {
         vec![natter_proto::GroupId::from_bytes([3; 16]), gid]
     );
 
+    // Who blocked a sender, among the members.
+    assert!(s.group_blockers(&gid, &a).await.unwrap().is_empty());
+    s.set_blocked(&c, &a, true).await.unwrap();
+    s.set_blocked(&b, &a, true).await.unwrap(); // not a member any more
+    assert_eq!(s.group_blockers(&gid, &a).await.unwrap(), vec![c.clone()]);
+    assert!(s.group_blockers(&gid, &c).await.unwrap().is_empty());
+
     // The last member leaving deletes the group.
     s.update_group(2, &group_state(7, 3, &[]), announce(8, vec![]))
         .await
