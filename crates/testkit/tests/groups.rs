@@ -439,3 +439,48 @@ async fn a_group_of_1024_members_receives_one_message_and_no_more_members_fit() 
     assert_eq!(server_code(&err), Some(ErrorCode::LimitExceeded), "{err}");
     assert!(err.to_string().contains("1024"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_missed_the_key_asks_the_sender_again() {
+    let server = TestServer::start().await;
+    let alice = TestClient::online(&server, "+15550600101").await;
+    let bob = TestClient::online(&server, "+15550600102").await;
+    let g = alice
+        .client
+        .create_group("Lost key", std::slice::from_ref(&bob.phone))
+        .await
+        .unwrap();
+    knows(&bob, &g.id, 1).await;
+    bob.client.disconnect().await;
+    alice
+        .client
+        .send_group_text(&g.id, "can you read this?")
+        .await
+        .unwrap();
+
+    // The key share never arrives (dropped on the way): only the group message is left for bob.
+    let store = &server.server().state().store;
+    let queue = store
+        .load_queue(&bob.phone, device(1), 0, 100)
+        .await
+        .unwrap();
+    let shares: Vec<u64> = queue
+        .iter()
+        .filter(|e| e.olm_type <= 1)
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(shares.len(), 1, "one key share was queued");
+    store.ack(&bob.phone, device(1), &shares).await.unwrap();
+    assert_eq!(
+        store
+            .load_queue(&bob.phone, device(1), 0, 100)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Bob keeps the message, asks alice's device for the key, and reads it once the key comes.
+    bob.client.connect().await.unwrap();
+    has_text(&bob, &g.id, "can you read this?").await;
+}
