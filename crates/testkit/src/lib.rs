@@ -582,14 +582,26 @@ impl TestClient {
         range: std::ops::Range<u32>,
         parallel: usize,
     ) -> Vec<TestClient> {
+        Self::register_many_at(&server.addr(), &server.sms_log(), prefix, range, parallel).await
+    }
+
+    /// [`TestClient::register_many`] against the natterd at `addr` whose SMS gateway writes to
+    /// `sms_log` (e.g. a [`NatterdProcess`]).
+    pub async fn register_many_at(
+        addr: &str,
+        sms_log: &Path,
+        prefix: &str,
+        range: std::ops::Range<u32>,
+        parallel: usize,
+    ) -> Vec<TestClient> {
         use std::sync::Arc;
         let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
         let mut tasks = Vec::new();
         for i in range {
             let number = format!("{prefix}{i:04}");
             let sem = Arc::clone(&sem);
-            let addr = server.addr();
-            let sms = server.sms_log();
+            let addr = addr.to_owned();
+            let sms = sms_log.to_owned();
             tasks.push(tokio::spawn(async move {
                 let _permit = sem.acquire().await.expect("semaphore");
                 let home = tempfile::tempdir().expect("temp home");
