@@ -276,7 +276,11 @@ fn put_message(changes: &mut Changes, m: &GroupMessageRecord) -> Result<()> {
 /// The notice text for a change from `before` (if known) to `after`.
 fn describe(before: Option<&GroupInfo>, after: &GroupInfo, actor: &PhoneNumber) -> String {
     let Some(before) = before else {
-        return format!("{actor} created the group \"{}\"", after.name);
+        return if after.version <= 1 {
+            format!("{actor} created the group \"{}\"", after.name)
+        } else {
+            format!("{actor} added you to the group \"{}\"", after.name)
+        };
     };
     let was: BTreeSet<&PhoneNumber> = before.members.iter().map(|m| &m.phone).collect();
     let now: BTreeSet<&PhoneNumber> = after.members.iter().map(|m| &m.phone).collect();
@@ -898,7 +902,8 @@ impl Client {
     async fn deliver_group(&self, entry: &OutboxEntry) -> Result<u64> {
         let me = self.registered_identity().await?;
         let mut last = None;
-        for round in 0..MAX_GROUP_SEND_ROUNDS {
+        let mut refresh_lists = false;
+        for _ in 0..MAX_GROUP_SEND_ROUNDS {
             let Some(g) = self.group(&entry.group).await? else {
                 return self
                     .fail_group(entry, ClientError::InvalidInput("unknown group".into()))
@@ -912,7 +917,7 @@ impl Client {
                     )
                     .await;
             }
-            let result = self.try_deliver_group(&me, &g, entry, round > 0).await;
+            let result = self.try_deliver_group(&me, &g, entry, refresh_lists).await;
             match result {
                 Ok(ts) => {
                     self.set_group_status(entry, MessageStatus::Sent, ts)
@@ -923,15 +928,17 @@ impl Client {
                     code: ErrorCode::GroupChanged,
                     ..
                 }) => {
-                    // Membership or a member's devices changed: fetch both again.
-                    if self.refresh_group(&entry.group).await?.is_none() {
+                    // Membership changed (fetch the group), or if it did not, a member's devices did
+                    // (fetch their lists again, and send without the digest next time).
+                    let Some(fresh) = self.refresh_group(&entry.group).await? else {
                         return self
                             .fail_group(
                                 entry,
                                 ClientError::InvalidInput("no longer a member of the group".into()),
                             )
                             .await;
-                    }
+                    };
+                    refresh_lists = fresh.version == g.version;
                     last = result.err();
                 }
                 Err(e) => return self.fail_group(entry, e).await,
@@ -1120,6 +1127,15 @@ impl Client {
                 group_version: g.version,
                 session_id: state.session_id.clone(),
                 ciphertext,
+                // Checked on the first try only: a member device that no signed list holds must not
+                // block the group for good.
+                devices_digest: if refresh {
+                    Vec::new()
+                } else {
+                    natter_proto::group::devices_digest(
+                        targets.iter().map(|t| (t.phone.as_str(), t.device.get())),
+                    )
+                },
             }))
             .await?;
         match resp {

@@ -133,6 +133,28 @@ pub struct SendGroupMessage {
     /// The Megolm message.
     #[prost(bytes = "vec", tag = "5")]
     pub ciphertext: Vec<u8>,
+    /// [`devices_digest`] of the member devices the sender's key reaches (every member device but the
+    /// sending one), as the sender sees them; empty to skip the check. A digest that differs from the
+    /// server's view is refused with `GroupChanged`, so that a sender whose view is stale (a member's
+    /// device was removed or added) refreshes it, and rotates its key if a device left, before the
+    /// message goes out.
+    #[prost(bytes = "vec", tag = "6")]
+    pub devices_digest: Vec<u8>,
+}
+
+/// The digest of a set of member devices: SHA-256 over `phone:device\n` lines in (phone, device) order.
+pub fn devices_digest<'a>(devices: impl IntoIterator<Item = (&'a str, u32)>) -> Vec<u8> {
+    use sha2::Digest;
+    let mut sorted: Vec<(&str, u32)> = devices.into_iter().collect();
+    sorted.sort_unstable();
+    let mut h = sha2::Sha256::new();
+    for (phone, device) in sorted {
+        h.update(phone.as_bytes());
+        h.update(b":");
+        h.update(device.to_string().as_bytes());
+        h.update(b"\n");
+    }
+    h.finalize().to_vec()
 }
 
 /// Pairwise Olm messages that carry the sender's group session key to member devices that lack it.

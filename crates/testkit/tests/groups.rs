@@ -484,3 +484,62 @@ async fn a_device_that_missed_the_key_asks_the_sender_again() {
     bob.client.connect().await.unwrap();
     has_text(&bob, &g.id, "can you read this?").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_device_rotates_the_sender_keys() {
+    let server = TestServer::start().await;
+    let alice = TestClient::online(&server, "+15550600201").await;
+    let bob = TestClient::online(&server, "+15550600202").await;
+    let laptop = TestClient::link_companion(&server, &bob, "bob laptop").await;
+    let carol = TestClient::online(&server, "+15550600203").await;
+    let g = alice
+        .client
+        .create_group("Devices", &[bob.phone.clone(), carol.phone.clone()])
+        .await
+        .unwrap();
+    knows(&laptop, &g.id, 1).await;
+    knows(&carol, &g.id, 1).await;
+    carol.client.disconnect().await;
+    alice
+        .client
+        .send_group_text(&g.id, "to three devices")
+        .await
+        .unwrap();
+    has_text(&laptop, &g.id, "to three devices").await;
+
+    // Bob's phone removes the laptop; alice's next message starts a new sender key.
+    bob.client.unlink(device(2)).await.unwrap();
+    eventually(WAIT, "the laptop to be gone from the server", || async {
+        server
+            .server()
+            .state()
+            .store
+            .get_device(&bob.phone, device(2))
+            .await
+            .unwrap()
+            .is_none()
+    })
+    .await;
+    alice
+        .client
+        .send_group_text(&g.id, "to two devices")
+        .await
+        .unwrap();
+    has_text(&bob, &g.id, "to two devices").await;
+    let queued = queued_group_messages(&server, &carol.phone, 1).await;
+    assert_eq!(queued.len(), 2);
+    let sessions: Vec<String> = queued
+        .iter()
+        .map(|e| {
+            GroupMessage::decode(e.ciphertext.as_slice())
+                .unwrap()
+                .session_id
+        })
+        .collect();
+    assert_ne!(
+        sessions[0], sessions[1],
+        "a removed device rotates the sender key"
+    );
+    carol.client.connect().await.unwrap();
+    has_text(&carol, &g.id, "to two devices").await;
+}

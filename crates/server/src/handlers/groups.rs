@@ -576,10 +576,22 @@ pub async fn send_group_message(
         ciphertext: r.ciphertext,
     }
     .encode_to_vec();
-    let envelopes: Vec<NewEnvelope> = store
-        .group_devices(&id)
-        .await
-        .map_err(store_error)?
+    let devices = store.group_devices(&id).await.map_err(store_error)?;
+    if !r.devices_digest.is_empty() {
+        let ours = natter_proto::group::devices_digest(
+            devices
+                .iter()
+                .filter(|(p, d)| !(*p == login.phone && *d == login.device))
+                .map(|(p, d)| (p.as_str(), d.get())),
+        );
+        if ours != r.devices_digest {
+            return Err(Error::new(
+                ErrorCode::GroupChanged,
+                "the members' devices changed: refresh their device lists and encrypt again",
+            ));
+        }
+    }
+    let envelopes: Vec<NewEnvelope> = devices
         .into_iter()
         .filter(|(p, d)| !(blockers.contains(p) || (*p == login.phone && *d == login.device)))
         .map(|(phone, device_id)| NewEnvelope {
