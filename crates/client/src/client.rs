@@ -105,6 +105,12 @@ pub(crate) struct Inner {
     /// App-state background work, aborted on disconnect.
     pub(crate) app_state_tasks: Mutex<tokio::task::JoinSet<()>>,
     pub(crate) conn: watch::Sender<Option<Arc<Connection>>>,
+    /// Grows whenever a device list is fetched from the server: cached group targets built before are
+    /// stale.
+    pub(crate) device_generation: std::sync::atomic::AtomicU64,
+    /// Each group's member devices as last verified: (group version, device generation, devices), so
+    /// that a group send verifies the members' signed lists only when something changed.
+    pub(crate) group_targets: Mutex<crate::groups::TargetCache>,
     supervisor: Mutex<Option<JoinHandle<()>>>,
     /// Primary side of linking: who waits for which companion's acceptance.
     pub(crate) link_waiters: Mutex<
@@ -247,6 +253,8 @@ impl Client {
             app_state: tokio::sync::Mutex::new(()),
             app_state_tasks: Mutex::new(tokio::task::JoinSet::new()),
             conn,
+            device_generation: std::sync::atomic::AtomicU64::new(0),
+            group_targets: Mutex::new(Default::default()),
             supervisor: Mutex::new(None),
             link_waiters: Mutex::new(Default::default()),
         });

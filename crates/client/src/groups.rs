@@ -229,6 +229,9 @@ pub(crate) struct ShareTarget {
     ed: [u8; 32],
 }
 
+/// Cached member devices per group: (group version, device generation, devices).
+pub(crate) type TargetCache = HashMap<GroupId, (u64, u64, Arc<Vec<ShareTarget>>)>;
+
 /// What processing a group envelope or key asks for after it is saved.
 #[derive(Default)]
 pub(crate) struct GroupFollowUps {
@@ -973,6 +976,20 @@ impl Client {
         g: &GroupInfo,
         refresh: bool,
     ) -> Result<Vec<ShareTarget>> {
+        use std::sync::atomic::Ordering;
+        let generation = self.inner.device_generation.load(Ordering::Acquire);
+        if !refresh
+            && let Some((version, r#gen, targets)) = self
+                .inner
+                .group_targets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&g.id)
+            && *version == g.version
+            && *r#gen == generation
+        {
+            return Ok(targets.as_ref().clone());
+        }
         let fetches: Vec<_> = g
             .members
             .iter()
@@ -1017,6 +1034,13 @@ impl Client {
             }
         }
         out.sort_by(|a, b| (&a.phone, a.device).cmp(&(&b.phone, b.device)));
+        // Fetching lists above bumps the generation; the cache holds what this view was built from.
+        let generation = self.inner.device_generation.load(Ordering::Acquire);
+        self.inner
+            .group_targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(g.id, (g.version, generation, Arc::new(out.clone())));
         Ok(out)
     }
 
