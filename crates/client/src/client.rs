@@ -105,6 +105,12 @@ pub(crate) struct Inner {
     /// App-state background work, aborted on disconnect.
     pub(crate) app_state_tasks: Mutex<tokio::task::JoinSet<()>>,
     pub(crate) conn: watch::Sender<Option<Arc<Connection>>>,
+    /// Grows whenever a device list is fetched from the server: cached group targets built before are
+    /// stale.
+    pub(crate) device_generation: std::sync::atomic::AtomicU64,
+    /// Each group's member devices as last verified: (group version, device generation, devices), so
+    /// that a group send verifies the members' signed lists only when something changed.
+    pub(crate) group_targets: Mutex<crate::groups::TargetCache>,
     supervisor: Mutex<Option<JoinHandle<()>>>,
     /// Primary side of linking: who waits for which companion's acceptance.
     pub(crate) link_waiters: Mutex<
@@ -199,6 +205,34 @@ impl Client {
         Ok(Self::with_store(home, Arc::new(store), cipher, lock))
     }
 
+    /// Opens a device whose state lives in memory only (nothing survives the process): for tests and load
+    /// generators that need many devices at once. `home` holds only the lock file.
+    pub async fn open_ephemeral(home: impl AsRef<Path>) -> Result<Client> {
+        let home = home.as_ref().to_path_buf();
+        std::fs::create_dir_all(&home).map_err(io_err(&home))?;
+        let lock_path = home.join(LOCK_FILE);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(ClientError::HomeLocked(home.display().to_string()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+        }
+        let store = crate::store::memory::MemoryStore::new();
+        Ok(Self::with_store(
+            home,
+            Arc::new(store),
+            StoreCipher::generate(),
+            lock,
+        ))
+    }
+
     fn with_store(
         home: PathBuf,
         store: Arc<dyn ClientStore>,
@@ -219,6 +253,8 @@ impl Client {
             app_state: tokio::sync::Mutex::new(()),
             app_state_tasks: Mutex::new(tokio::task::JoinSet::new()),
             conn,
+            device_generation: std::sync::atomic::AtomicU64::new(0),
+            group_targets: Mutex::new(Default::default()),
             supervisor: Mutex::new(None),
             link_waiters: Mutex::new(Default::default()),
         });

@@ -46,6 +46,9 @@ impl Client {
             });
         }
         let conn = self.connection(Duration::from_secs(10)).await?;
+        self.inner
+            .device_generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let devices = match conn
             .request(request::Body::GetDevices(GetDevices {
                 phone: phone.as_str().to_owned(),

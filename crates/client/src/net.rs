@@ -28,6 +28,22 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
 
+/// Bytes written to the sockets of this process's connections after their handshakes.
+static BYTES_SENT: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes this process's client connections have written to their sockets after the handshake (Noise
+/// records: frames, their framing and tags), for measurements such as the upload cost of a send.
+pub fn bytes_sent() -> u64 {
+    BYTES_SENT.load(Ordering::Relaxed)
+}
+
+/// Writes and counts.
+async fn send_all(wr: &mut tokio::net::tcp::OwnedWriteHalf, buf: &[u8]) -> std::io::Result<()> {
+    wr.write_all(buf).await?;
+    BYTES_SENT.fetch_add(buf.len() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
 /// An open, authenticated connection.
 #[derive(Debug)]
 pub struct Connection {
@@ -250,7 +266,7 @@ async fn drive(
     let mut buf = Vec::new();
     // Frames that arrived together with the server's hello are already buffered: route them first.
     if dispatch(&mut reader, &mut channel, &push_tx, &pending, &mut buf).is_err()
-        || (!buf.is_empty() && wr.write_all(&buf).await.is_err())
+        || (!buf.is_empty() && send_all(&mut wr, &buf).await.is_err())
     {
         lock(&pending).clear();
         return;
@@ -265,7 +281,7 @@ async fn drive(
                     frames.push(more);
                 }
                 buf.clear();
-                if channel.seal_frames(&frames, &mut buf).is_err() || wr.write_all(&buf).await.is_err() {
+                if channel.seal_frames(&frames, &mut buf).is_err() || send_all(&mut wr, &buf).await.is_err() {
                     break;
                 }
                 keepalive.reset();
@@ -273,14 +289,14 @@ async fn drive(
             r = read_some(&mut rd, &mut reader) => {
                 if r.is_err() { break; }
                 if dispatch(&mut reader, &mut channel, &push_tx, &pending, &mut buf).is_err() { break; }
-                if !buf.is_empty() && wr.write_all(&buf).await.is_err() { break; }
+                if !buf.is_empty() && send_all(&mut wr, &buf).await.is_err() { break; }
                 buf.clear();
             }
             _ = keepalive.tick() => {
                 nonce += 1;
                 buf.clear();
                 let ping = Frame::new(frame::Body::Ping(Ping { nonce }));
-                if channel.seal_frame(&ping, &mut buf).is_err() || wr.write_all(&buf).await.is_err() {
+                if channel.seal_frame(&ping, &mut buf).is_err() || send_all(&mut wr, &buf).await.is_err() {
                     break;
                 }
             }
