@@ -12,7 +12,7 @@ pub struct Content {
     #[prost(uint64, tag = "2")]
     pub sent_at_ms: u64,
     /// What it is.
-    #[prost(oneof = "content::Body", tags = "3, 4, 5, 7, 8, 9, 10, 11, 40")]
+    #[prost(oneof = "content::Body", tags = "3, 4, 5, 7, 8, 9, 10, 11, 40, 60, 61")]
     pub body: Option<content::Body>,
     /// For copies sent to the sender's own other devices: the conversation (peer account) the message
     /// belongs to. Empty in copies for the peer.
@@ -53,6 +53,12 @@ pub mod content {
         /// The sender's profile key, so the receiver can read the sender's encrypted profile.
         #[prost(message, tag = "40")]
         ProfileKey(super::ProfileKey),
+        /// A group session key of the sender's device (sent over Olm to each member device).
+        #[prost(message, tag = "60")]
+        GroupKey(super::GroupKey),
+        /// "I could not decrypt your group message: share your session key with me again."
+        #[prost(message, tag = "61")]
+        GroupKeyRequest(super::GroupKeyRequest),
     }
 }
 
@@ -401,4 +407,35 @@ pub struct ProfileKey {
     /// Increases with every rotation; an older key never replaces a newer one.
     #[prost(uint64, tag = "2")]
     pub version: u64,
+}
+
+/// A sender device's Megolm session key for one group, from some message index on.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GroupKey {
+    /// The group (16 bytes).
+    #[prost(bytes = "vec", tag = "1")]
+    pub group_id: Vec<u8>,
+    /// The Megolm session id.
+    #[prost(string, tag = "2")]
+    pub session_id: String,
+    /// The exported session key (vodozemac `ExportedSessionKey`, base64), valid from `first_index` on.
+    #[prost(string, tag = "3")]
+    pub session_key: String,
+    /// The first message index the key decrypts.
+    #[prost(uint32, tag = "4")]
+    pub first_index: u32,
+}
+
+/// Asks a group message's sender device to share its session key again.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GroupKeyRequest {
+    /// The group (16 bytes).
+    #[prost(bytes = "vec", tag = "1")]
+    pub group_id: Vec<u8>,
+    /// The Megolm session.
+    #[prost(string, tag = "2")]
+    pub session_id: String,
+    /// The index of the message that did not decrypt.
+    #[prost(uint32, tag = "3")]
+    pub message_index: u32,
 }

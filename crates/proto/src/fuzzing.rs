@@ -209,6 +209,12 @@ pub fn check_content(c: &Content) -> Result<(), ProtoError> {
                 });
             }
         }
+        Some(content::Body::GroupKey(k)) => {
+            crate::GroupId::from_slice(&k.group_id)?;
+        }
+        Some(content::Body::GroupKeyRequest(r)) => {
+            crate::GroupId::from_slice(&r.group_id)?;
+        }
         Some(content::Body::HistoryRequest(_))
         | Some(content::Body::AppStateKeyShare(_))
         | Some(content::Body::AppStateRecovery(_)) => {}

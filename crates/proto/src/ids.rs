@@ -20,6 +20,9 @@ pub enum IdError {
     /// The message id is not 16 bytes (32 hex digits).
     #[error("invalid message id: expected 32 hex digits")]
     InvalidMessageId,
+    /// The group id is not 16 bytes (32 hex digits).
+    #[error("invalid group id: expected 32 hex digits")]
+    InvalidGroupId,
 }
 
 /// A phone number in E.164 form (`+` followed by 8 to 15 digits), the name of an account.
@@ -255,6 +258,74 @@ impl TryFrom<String> for MessageId {
 impl From<MessageId> for String {
     fn from(m: MessageId) -> String {
         m.to_hex()
+    }
+}
+
+/// A group's id, chosen by its creator (16 random bytes) and fixed for the group's life.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct GroupId([u8; 16]);
+
+impl GroupId {
+    /// Wraps 16 bytes (the caller provides randomness: this crate has no RNG).
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(bytes)
+    }
+
+    /// Validates a group id from the wire.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, IdError> {
+        <[u8; 16]>::try_from(bytes)
+            .map(Self)
+            .map_err(|_| IdError::InvalidGroupId)
+    }
+
+    /// Parses the 32-hex-digit form users see.
+    pub fn from_hex(s: &str) -> Result<Self, IdError> {
+        let mut out = [0u8; 16];
+        hex::decode_to_slice(s.trim(), &mut out).map_err(|_| IdError::InvalidGroupId)?;
+        Ok(Self(out))
+    }
+
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
+    /// The 32-hex-digit form.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for GroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for GroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GroupId({})", self.to_hex())
+    }
+}
+
+impl FromStr for GroupId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        Self::from_hex(s)
+    }
+}
+
+impl TryFrom<String> for GroupId {
+    type Error = IdError;
+    fn try_from(s: String) -> Result<Self, IdError> {
+        Self::from_hex(&s)
+    }
+}
+
+impl From<GroupId> for String {
+    fn from(g: GroupId) -> String {
+        g.to_hex()
     }
 }
 

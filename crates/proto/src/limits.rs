@@ -34,6 +34,15 @@ pub const MAX_AVATAR_BYTES: usize = 64 * 1024;
 pub const MAX_PRESENCE_SUBSCRIPTIONS: usize = 1_000;
 /// Members of a group.
 pub const MAX_GROUP_MEMBERS: usize = 1024;
+/// A group's name, in bytes.
+pub const MAX_GROUP_NAME: usize = 100;
+/// A group's description, in bytes.
+pub const MAX_GROUP_DESCRIPTION: usize = 2048;
+/// Pairwise key shares in one [`crate::group::ShareGroupKeys`] request (about 0.5 KB each, so a batch
+/// stays well under [`MAX_FRAME_LEN`]); a sender with more devices to reach sends several batches.
+pub const MAX_KEY_SHARES_PER_REQUEST: usize = 512;
+/// Largest Megolm ciphertext of one group message: the same as one device's share of a 1:1 message.
+pub const MAX_GROUP_CIPHERTEXT: usize = MAX_ENVELOPE_CIPHERTEXT;
 
 /// Largest ciphertext for one device in one message.
 pub const MAX_ENVELOPE_CIPHERTEXT: usize = 64 * 1024;

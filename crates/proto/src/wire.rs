@@ -110,7 +110,7 @@ pub struct Request {
     /// The operation.
     #[prost(
         oneof = "request::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 40, 41, 42, 43, 44, 45, 46, 47, 48"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 40, 41, 42, 43, 44, 45, 46, 47, 48, 60, 61, 62, 63, 64, 65"
     )]
     pub body: Option<request::Body>,
 }
@@ -195,6 +195,24 @@ pub mod request {
         /// Tell a chat partner about typing.
         #[prost(message, tag = "48")]
         SendTyping(crate::social::SendTyping),
+        /// Create a group.
+        #[prost(message, tag = "60")]
+        CreateGroup(crate::group::CreateGroup),
+        /// Change a group's membership, admins or settings (or leave it).
+        #[prost(message, tag = "61")]
+        UpdateGroup(crate::group::UpdateGroup),
+        /// A group's state.
+        #[prost(message, tag = "62")]
+        GetGroup(crate::group::GetGroup),
+        /// The caller's groups.
+        #[prost(message, tag = "63")]
+        ListGroups(crate::group::ListGroups),
+        /// Send one Megolm ciphertext to every member device.
+        #[prost(message, tag = "64")]
+        SendGroupMessage(crate::group::SendGroupMessage),
+        /// Send pairwise key shares to member devices.
+        #[prost(message, tag = "65")]
+        ShareGroupKeys(crate::group::ShareGroupKeys),
     }
 }
 
@@ -210,7 +228,7 @@ pub struct Response {
     /// The result of a successful request.
     #[prost(
         oneof = "response::Body",
-        tags = "3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 40, 41, 42, 43"
+        tags = "3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 40, 41, 42, 43, 60, 61"
     )]
     pub body: Option<response::Body>,
 }
@@ -271,6 +289,12 @@ pub mod response {
         /// An account's presence.
         #[prost(message, tag = "43")]
         Presence(crate::social::PresenceState),
+        /// A group's state.
+        #[prost(message, tag = "60")]
+        Group(crate::group::GroupInfo),
+        /// The caller's groups.
+        #[prost(message, tag = "61")]
+        Groups(crate::group::Groups),
     }
 }
 
@@ -345,6 +369,14 @@ pub enum ErrorCode {
     AppStateConflict = 23,
     /// The other account does not accept this from the caller (it blocked the caller).
     Blocked = 40,
+    /// The caller is not a member of the group.
+    NotGroupMember = 60,
+    /// Only the group's admins may do this.
+    NotGroupAdmin = 61,
+    /// The group changed since the version the request was made for: refresh it and try again.
+    GroupChanged = 62,
+    /// No group has this id.
+    UnknownGroup = 63,
 }
 
 /// For one account, the devices a send missed and the devices it addressed that do not exist.

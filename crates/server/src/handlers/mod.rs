@@ -3,6 +3,7 @@
 
 pub mod app_state;
 pub mod devices;
+pub mod groups;
 pub mod keys;
 pub mod link;
 pub mod media;
@@ -134,6 +135,12 @@ pub async fn handle(ctx: &RequestCtx, req: Request) -> Response {
         Some(request::Body::Block(r)) => social::block(ctx, r).await,
         Some(request::Body::SubscribePresence(r)) => social::subscribe_presence(ctx, r).await,
         Some(request::Body::SendTyping(r)) => social::send_typing(ctx, r).await,
+        Some(request::Body::CreateGroup(r)) => groups::create_group(ctx, r).await,
+        Some(request::Body::UpdateGroup(r)) => groups::update_group(ctx, r).await,
+        Some(request::Body::GetGroup(r)) => groups::get_group(ctx, r).await,
+        Some(request::Body::ListGroups(r)) => groups::list_groups(ctx, r).await,
+        Some(request::Body::SendGroupMessage(r)) => groups::send_group_message(ctx, r).await,
+        Some(request::Body::ShareGroupKeys(r)) => groups::share_group_keys(ctx, r).await,
         None => Err(bad_request("unknown request")),
     };
     match result {

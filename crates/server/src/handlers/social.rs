@@ -135,7 +135,7 @@ pub async fn set_profile(ctx: &RequestCtx, r: SetProfile) -> Result<response::Bo
     Ok(response::Body::Done(Done {}))
 }
 
-fn blocked_error(phone: &PhoneNumber) -> Error {
+pub(crate) fn blocked_error(phone: &PhoneNumber) -> Error {
     Error::new(
         ErrorCode::Blocked,
         format!("{phone} does not accept this from you"),

@@ -19,12 +19,12 @@ use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use natter_proto::{DeviceId, MessageId, PhoneNumber};
+use natter_proto::{DeviceId, GroupId, MessageId, PhoneNumber};
 
 use super::{
     AccountRecord, AppStateFetch, BlobRecord, ClaimedPreKey, CodeRecord, DeviceListUpdate,
-    DeviceRecord, EnqueueOutcome, NewAccount, NewMessage, PreKeyRecord, PrivacyRecord,
-    QueuedEnvelope, Store, StoreError, StoreResult,
+    DeviceRecord, EnqueueOutcome, GroupState, GroupWritten, NewAccount, NewMessage, PreKeyRecord,
+    PrivacyRecord, QueuedEnvelope, Store, StoreError, StoreResult,
 };
 
 /// A `u64` too large for the store (stored values must fit an SQL integer, i.e. `i64`).
@@ -73,6 +73,8 @@ struct Inner {
     privacy: HashMap<PhoneNumber, PrivacyRecord>,
     /// Blocked accounts per account.
     blocked: HashMap<PhoneNumber, std::collections::BTreeSet<PhoneNumber>>,
+    /// Groups by id, members ordered by number.
+    groups: BTreeMap<GroupId, GroupState>,
 }
 
 #[derive(Debug, Default)]
@@ -133,6 +135,79 @@ impl Inner {
         self.devices
             .get(phone)
             .and_then(|devices| devices.get(&device_id))
+    }
+
+    /// [`Store::enqueue`] under the lock (the caller checked the times).
+    fn enqueue(&mut self, msg: NewMessage) -> StoreResult<EnqueueOutcome> {
+        let inner = self;
+        let key = (msg.sender.clone(), msg.sender_device, msg.message_id);
+        if let Some(first) = inner.message_ids.get(&key) {
+            return Ok(EnqueueOutcome::Duplicate {
+                server_ts_ms: first.server_ts_ms,
+            });
+        }
+        // All or nothing: check every recipient before storing anything.
+        if msg
+            .envelopes
+            .iter()
+            .any(|e| inner.device(&e.phone, e.device_id).is_none())
+        {
+            return Err(StoreError::NoSuchDevice);
+        }
+        let mut stored = Vec::with_capacity(msg.envelopes.len());
+        for env in msg.envelopes {
+            inner.last_seq += 1;
+            let seq = inner.last_seq;
+            let envelope = QueuedEnvelope {
+                seq,
+                phone: env.phone,
+                device_id: env.device_id,
+                sender: msg.sender.clone(),
+                sender_device: msg.sender_device,
+                message_id: msg.message_id,
+                server_ts_ms: msg.server_ts_ms,
+                olm_type: env.olm_type,
+                ciphertext: env.ciphertext,
+                retry: msg.retry,
+            };
+            let device = inner.device_mut(&envelope.phone, envelope.device_id)?;
+            device.queue.insert(
+                seq,
+                Queued {
+                    envelope: envelope.clone(),
+                    expires_at_ms: msg.expires_at_ms,
+                },
+            );
+            stored.push(envelope);
+        }
+        inner.message_ids.insert(
+            key,
+            Accepted {
+                server_ts_ms: msg.server_ts_ms,
+                expires_at_ms: msg.expires_at_ms,
+            },
+        );
+        Ok(EnqueueOutcome::Stored(stored))
+    }
+
+    /// Checks a group's stored numbers and the announcement's times.
+    fn check_group(state: &GroupState, announcement: &NewMessage) -> StoreResult<()> {
+        checked_i64("group version", state.group.version)?;
+        checked_i64("created_at_ms", state.group.created_at_ms)?;
+        for m in &state.members {
+            checked_i64("added_at_version", m.added_at_version)?;
+        }
+        checked_i64("server_ts_ms", announcement.server_ts_ms)?;
+        checked_i64("expires_at_ms", announcement.expires_at_ms)?;
+        Ok(())
+    }
+
+    /// Stores a group write's announcement; a duplicate stores nothing.
+    fn announce(&mut self, announcement: NewMessage) -> StoreResult<GroupWritten> {
+        Ok(match self.enqueue(announcement)? {
+            EnqueueOutcome::Stored(queued) => queued,
+            EnqueueOutcome::Duplicate { .. } => Vec::new(),
+        })
     }
 }
 
@@ -370,55 +445,7 @@ impl Store for MemoryStore {
     async fn enqueue(&self, msg: NewMessage) -> StoreResult<EnqueueOutcome> {
         checked_i64("server_ts_ms", msg.server_ts_ms)?;
         checked_i64("expires_at_ms", msg.expires_at_ms)?;
-        let mut inner = self.lock()?;
-        let key = (msg.sender.clone(), msg.sender_device, msg.message_id);
-        if let Some(first) = inner.message_ids.get(&key) {
-            return Ok(EnqueueOutcome::Duplicate {
-                server_ts_ms: first.server_ts_ms,
-            });
-        }
-        // All or nothing: check every recipient before storing anything.
-        if msg
-            .envelopes
-            .iter()
-            .any(|e| inner.device(&e.phone, e.device_id).is_none())
-        {
-            return Err(StoreError::NoSuchDevice);
-        }
-        let mut stored = Vec::with_capacity(msg.envelopes.len());
-        for env in msg.envelopes {
-            inner.last_seq += 1;
-            let seq = inner.last_seq;
-            let envelope = QueuedEnvelope {
-                seq,
-                phone: env.phone,
-                device_id: env.device_id,
-                sender: msg.sender.clone(),
-                sender_device: msg.sender_device,
-                message_id: msg.message_id,
-                server_ts_ms: msg.server_ts_ms,
-                olm_type: env.olm_type,
-                ciphertext: env.ciphertext,
-                retry: msg.retry,
-            };
-            let device = inner.device_mut(&envelope.phone, envelope.device_id)?;
-            device.queue.insert(
-                seq,
-                Queued {
-                    envelope: envelope.clone(),
-                    expires_at_ms: msg.expires_at_ms,
-                },
-            );
-            stored.push(envelope);
-        }
-        inner.message_ids.insert(
-            key,
-            Accepted {
-                server_ts_ms: msg.server_ts_ms,
-                expires_at_ms: msg.expires_at_ms,
-            },
-        );
-        Ok(EnqueueOutcome::Stored(stored))
+        self.lock()?.enqueue(msg)
     }
 
     async fn queued_bytes(&self, phone: &PhoneNumber, device_id: DeviceId) -> StoreResult<u64> {
@@ -712,4 +739,102 @@ impl Store for MemoryStore {
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default())
     }
+
+    async fn create_group(
+        &self,
+        state: &GroupState,
+        announcement: NewMessage,
+    ) -> StoreResult<GroupWritten> {
+        Inner::check_group(state, &announcement)?;
+        let mut inner = self.lock()?;
+        if inner.groups.contains_key(&state.group.id) {
+            return Err(StoreError::Conflict);
+        }
+        let queued = inner.announce(announcement)?;
+        inner.groups.insert(state.group.id, sorted(state));
+        Ok(queued)
+    }
+
+    async fn get_group(&self, id: &GroupId) -> StoreResult<Option<GroupState>> {
+        Ok(self.lock()?.groups.get(id).cloned())
+    }
+
+    async fn update_group(
+        &self,
+        expected_version: u64,
+        state: &GroupState,
+        announcement: NewMessage,
+    ) -> StoreResult<GroupWritten> {
+        Inner::check_group(state, &announcement)?;
+        let mut inner = self.lock()?;
+        match inner.groups.get(&state.group.id) {
+            None => return Err(StoreError::NoSuchGroup),
+            Some(g) if g.group.version != expected_version => return Err(StoreError::Conflict),
+            Some(_) => {}
+        }
+        let queued = inner.announce(announcement)?;
+        if state.members.is_empty() {
+            inner.groups.remove(&state.group.id);
+        } else {
+            inner.groups.insert(state.group.id, sorted(state));
+        }
+        Ok(queued)
+    }
+
+    async fn group_devices(&self, id: &GroupId) -> StoreResult<Vec<(PhoneNumber, DeviceId)>> {
+        let inner = self.lock()?;
+        let Some(group) = inner.groups.get(id) else {
+            return Ok(Vec::new());
+        };
+        Ok(group
+            .members
+            .iter()
+            .flat_map(|m| {
+                inner
+                    .devices
+                    .get(&m.phone)
+                    .into_iter()
+                    .flat_map(|d| d.keys().map(|id| (m.phone.clone(), *id)))
+            })
+            .collect())
+    }
+
+    async fn groups_of(&self, phone: &PhoneNumber) -> StoreResult<Vec<GroupId>> {
+        Ok(self
+            .lock()?
+            .groups
+            .values()
+            .filter(|g| g.members.iter().any(|m| &m.phone == phone))
+            .map(|g| g.group.id)
+            .collect())
+    }
+
+    async fn group_blockers(
+        &self,
+        id: &GroupId,
+        sender: &PhoneNumber,
+    ) -> StoreResult<Vec<PhoneNumber>> {
+        let inner = self.lock()?;
+        let Some(group) = inner.groups.get(id) else {
+            return Ok(Vec::new());
+        };
+        Ok(group
+            .members
+            .iter()
+            .filter(|m| {
+                inner
+                    .blocked
+                    .get(&m.phone)
+                    .is_some_and(|b| b.contains(sender))
+            })
+            .map(|m| m.phone.clone())
+            .collect())
+    }
+}
+
+/// A group state with its members ordered by number.
+fn sorted(state: &GroupState) -> GroupState {
+    let mut state = state.clone();
+    state.members.sort_by(|a, b| a.phone.cmp(&b.phone));
+    state
 }

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use natter_proto::{DeviceId, MessageId, PhoneNumber};
+use natter_proto::{DeviceId, GroupId, MessageId, PhoneNumber};
 
 pub use crate::config::StoreUrl;
 
@@ -41,6 +41,9 @@ pub enum StoreError {
         /// The collection's current version.
         current: u64,
     },
+    /// The group does not exist (never created, or every member left).
+    #[error("no such group")]
+    NoSuchGroup,
     /// A stored row does not decode; the database was altered outside natterd.
     #[error("corrupt record: {0}")]
     Corrupt(String),
@@ -301,6 +304,46 @@ pub struct BlobRecord {
     pub expires_at_ms: u64,
 }
 
+/// A group's settings as stored (its members are in [`GroupState::members`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupRecord {
+    /// Its id.
+    pub id: GroupId,
+    /// Its name.
+    pub name: String,
+    /// Its description.
+    pub description: String,
+    /// Grows by one with every change (membership, admins, settings); 1 at creation.
+    pub version: u64,
+    /// Whether every member, not only admins, may change the name, description and membership.
+    pub all_members_may_edit: bool,
+    /// When it was created (ms since epoch).
+    pub created_at_ms: u64,
+}
+
+/// One member of a group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupMemberRecord {
+    /// The member account.
+    pub phone: PhoneNumber,
+    /// Whether it is an admin.
+    pub admin: bool,
+    /// The group version that added it.
+    pub added_at_version: u64,
+}
+
+/// A group with its members, ordered by number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupState {
+    /// Settings and version.
+    pub group: GroupRecord,
+    /// Members, ordered by number.
+    pub members: Vec<GroupMemberRecord>,
+}
+
+/// What a group write stored: the announcement's envelopes, to route to online devices.
+pub type GroupWritten = Vec<QueuedEnvelope>;
+
 /// Everything natterd keeps durably. Implementations must make every `&self` method safe to call from many
 /// tasks at once, and must not return from a write before it is durable: a message is acknowledged to its
 /// sender as soon as [`Store::enqueue`] returns.
@@ -496,6 +539,41 @@ pub trait Store: Send + Sync + 'static {
     async fn is_blocked(&self, owner: &PhoneNumber, other: &PhoneNumber) -> StoreResult<bool>;
     /// Everyone `owner` blocked, by number.
     async fn blocked(&self, owner: &PhoneNumber) -> StoreResult<Vec<PhoneNumber>>;
+
+    // ---- groups ----
+
+    /// Creates a group with its members and stores the announcement of its creation (one envelope per
+    /// member device, as [`Store::enqueue`] would) in the same transaction. An id already in use is a
+    /// [`StoreError::Conflict`]; a missing announcement recipient is [`StoreError::NoSuchDevice`].
+    async fn create_group(
+        &self,
+        state: &GroupState,
+        announcement: NewMessage,
+    ) -> StoreResult<GroupWritten>;
+    /// A group with its members.
+    async fn get_group(&self, id: &GroupId) -> StoreResult<Option<GroupState>>;
+    /// Replaces a group's settings and members with `state` if the stored version is still
+    /// `expected_version` ([`StoreError::Conflict`] otherwise, [`StoreError::NoSuchGroup`] if there is no
+    /// such group), and stores the change's announcement in the same transaction. With no members left,
+    /// the group is deleted.
+    async fn update_group(
+        &self,
+        expected_version: u64,
+        state: &GroupState,
+        announcement: NewMessage,
+    ) -> StoreResult<GroupWritten>;
+    /// Every device of every member of a group, ordered by number then device id (one read for a
+    /// fan-out). Empty for an unknown group.
+    async fn group_devices(&self, id: &GroupId) -> StoreResult<Vec<(PhoneNumber, DeviceId)>>;
+    /// The groups an account is a member of, ordered by id.
+    async fn groups_of(&self, phone: &PhoneNumber) -> StoreResult<Vec<GroupId>>;
+    /// The members of a group who blocked `sender`, ordered by number (one read per group send: they
+    /// get nothing from `sender`).
+    async fn group_blockers(
+        &self,
+        id: &GroupId,
+        sender: &PhoneNumber,
+    ) -> StoreResult<Vec<PhoneNumber>>;
 }
 
 /// An account's privacy settings as stored.

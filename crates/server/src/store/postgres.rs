@@ -22,15 +22,16 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use natter_proto::{DeviceId, MessageId, PhoneNumber};
+use natter_proto::{DeviceId, GroupId, MessageId, PhoneNumber};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Row};
 
 use super::memory::checked_i64;
 use super::{
     AccountRecord, AppStateFetch, BlobRecord, ClaimedPreKey, CodeRecord, DeviceListUpdate,
-    DeviceRecord, EnqueueOutcome, NewAccount, NewMessage, PreKeyRecord, PrivacyRecord,
-    QueuedEnvelope, RetryInfo, Store, StoreError, StoreResult,
+    DeviceRecord, EnqueueOutcome, GroupMemberRecord, GroupRecord, GroupState, GroupWritten,
+    NewAccount, NewMessage, PreKeyRecord, PrivacyRecord, QueuedEnvelope, RetryInfo, Store,
+    StoreError, StoreResult,
 };
 
 /// One schema step: its number and its SQL (several statements).
@@ -57,6 +58,10 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 4,
         sql: include_str!("../../migrations/postgres/004_social.sql"),
+    },
+    Migration {
+        version: 5,
+        sql: include_str!("../../migrations/postgres/005_groups.sql"),
     },
 ];
 
@@ -946,6 +951,200 @@ async fn push_app_state(
     Ok(new_version)
 }
 
+/// Stores a message with one call of `natter_enqueue` (one round trip), on the pool (a transaction of
+/// its own) or inside the caller's transaction.
+async fn enqueue_on<'e, E>(exec: E, msg: &NewMessage) -> StoreResult<EnqueueOutcome>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    let ts = checked_i64("server_ts_ms", msg.server_ts_ms)?;
+    let expires = checked_i64("expires_at_ms", msg.expires_at_ms)?;
+    let n = msg.envelopes.len();
+    let mut phones = Vec::with_capacity(n);
+    let mut devices = Vec::with_capacity(n);
+    let mut olm_types = Vec::with_capacity(n);
+    let mut ciphertexts: Vec<&[u8]> = Vec::with_capacity(n);
+    for env in &msg.envelopes {
+        phones.push(env.phone.as_str());
+        devices.push(dev(env.device_id));
+        olm_types.push(i64::from(env.olm_type));
+        ciphertexts.push(env.ciphertext.as_slice());
+    }
+    let rows = sqlx::query(
+        "SELECT out_seq, out_first_ts FROM natter_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(msg.sender.as_str())
+    .bind(dev(msg.sender_device))
+    .bind(msg.message_id.as_bytes().as_slice())
+    .bind(ts)
+    .bind(expires)
+    .bind(msg.retry.map(|r| r.of.as_bytes().to_vec()))
+    .bind(i64::from(msg.retry.map_or(0, |r| r.attempt)))
+    .bind(&phones)
+    .bind(&devices)
+    .bind(&olm_types)
+    .bind(&ciphertexts)
+    .fetch_all(exec)
+    .await
+    .map_err(db_device)?;
+    let mut seqs = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let seq: Option<i64> = row.try_get(0).map_err(db)?;
+        match seq {
+            Some(seq) => seqs.push(dec_u64("seq", seq)?),
+            None => {
+                let first: Option<i64> = row.try_get(1).map_err(db)?;
+                return Ok(EnqueueOutcome::Duplicate {
+                    server_ts_ms: dec_u64("server_ts_ms", first.unwrap_or(-1))?,
+                });
+            }
+        }
+    }
+    if seqs.len() != n {
+        return Err(StoreError::Corrupt(format!(
+            "natter_enqueue returned {} seqs for {n} envelopes",
+            seqs.len()
+        )));
+    }
+    let stored = msg
+        .envelopes
+        .iter()
+        .zip(seqs)
+        .map(|(env, seq)| QueuedEnvelope {
+            seq,
+            phone: env.phone.clone(),
+            device_id: env.device_id,
+            sender: msg.sender.clone(),
+            sender_device: msg.sender_device,
+            message_id: msg.message_id,
+            server_ts_ms: msg.server_ts_ms,
+            olm_type: env.olm_type,
+            ciphertext: env.ciphertext.clone(),
+            retry: msg.retry,
+        })
+        .collect();
+    Ok(EnqueueOutcome::Stored(stored))
+}
+
+/// Creates (`expected` None) or replaces (if the stored version is `expected`) a group with its members,
+/// and stores the announcement, in the caller's transaction. The group row is locked first (then the
+/// announcement's device rows, as every enqueue does), so two nodes changing one group serialize and the
+/// second sees the first's version.
+async fn write_group(
+    conn: &mut PgConnection,
+    expected: Option<u64>,
+    state: &GroupState,
+    announcement: &NewMessage,
+) -> StoreResult<GroupWritten> {
+    let g = &state.group;
+    let id = g.id.as_bytes().as_slice();
+    let version = checked_i64("group version", g.version)?;
+    let created = checked_i64("created_at_ms", g.created_at_ms)?;
+    let mut phones = Vec::with_capacity(state.members.len());
+    let mut admins = Vec::with_capacity(state.members.len());
+    let mut added = Vec::with_capacity(state.members.len());
+    for m in &state.members {
+        phones.push(m.phone.as_str());
+        admins.push(m.admin);
+        added.push(checked_i64("added_at_version", m.added_at_version)?);
+    }
+    match expected {
+        None => {
+            if state.members.is_empty() {
+                // Nothing to create; an id in use is still a conflict.
+                let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM groups WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(db)?;
+                if exists.is_some() {
+                    return Err(StoreError::Conflict);
+                }
+            } else {
+                let inserted = sqlx::query(
+                    "INSERT INTO groups (id, name, description, version, all_members_may_edit, \
+                     created_at_ms) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(id)
+                .bind(g.name.as_str())
+                .bind(g.description.as_str())
+                .bind(version)
+                .bind(g.all_members_may_edit)
+                .bind(created)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+                if inserted.rows_affected() == 0 {
+                    return Err(StoreError::Conflict);
+                }
+            }
+        }
+        Some(want) => {
+            let stored: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM groups WHERE id = $1 FOR UPDATE")
+                    .bind(id)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(db)?;
+            let Some(have) = stored else {
+                return Err(StoreError::NoSuchGroup);
+            };
+            if dec_u64("group version", have)? != want {
+                return Err(StoreError::Conflict);
+            }
+            sqlx::query("DELETE FROM group_members WHERE group_id = $1")
+                .bind(id)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+            if state.members.is_empty() {
+                sqlx::query("DELETE FROM groups WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db)?;
+            } else {
+                sqlx::query(
+                    "UPDATE groups SET name = $2, description = $3, version = $4, \
+                     all_members_may_edit = $5 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(g.name.as_str())
+                .bind(g.description.as_str())
+                .bind(version)
+                .bind(g.all_members_may_edit)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+            }
+        }
+    }
+    if !state.members.is_empty() {
+        sqlx::query(
+            "INSERT INTO group_members (group_id, phone, admin, added_at_version) \
+             SELECT $1, t.phone, t.admin, t.added \
+             FROM unnest($2::text[], $3::boolean[], $4::bigint[]) AS t (phone, admin, added)",
+        )
+        .bind(id)
+        .bind(&phones)
+        .bind(&admins)
+        .bind(&added)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    }
+    Ok(match enqueue_on(&mut *conn, announcement).await? {
+        EnqueueOutcome::Stored(queued) => queued,
+        EnqueueOutcome::Duplicate { .. } => Vec::new(),
+    })
+}
+
+fn dec_group_id(bytes: &[u8]) -> StoreResult<GroupId> {
+    GroupId::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+type GroupRow = (Vec<u8>, String, String, i64, bool, i64);
+
 #[async_trait]
 impl Store for PgStore {
     async fn save_code(&self, code: &CodeRecord) -> StoreResult<()> {
@@ -1151,83 +1350,15 @@ impl Store for PgStore {
     }
 
     async fn enqueue(&self, msg: NewMessage) -> StoreResult<EnqueueOutcome> {
-        let ts = checked_i64("server_ts_ms", msg.server_ts_ms)?;
-        let expires = checked_i64("expires_at_ms", msg.expires_at_ms)?;
-        let n = msg.envelopes.len();
-        let mut phones = Vec::with_capacity(n);
-        let mut devices = Vec::with_capacity(n);
-        let mut olm_types = Vec::with_capacity(n);
-        let mut ciphertexts: Vec<&[u8]> = Vec::with_capacity(n);
-        for env in &msg.envelopes {
-            phones.push(env.phone.as_str());
-            devices.push(dev(env.device_id));
-            olm_types.push(i64::from(env.olm_type));
-            ciphertexts.push(env.ciphertext.as_slice());
-        }
-        // One statement: it runs as one transaction on its own, so there is nothing to retry by hand
-        // beyond a deadlock, which the function's lock order prevents.
+        // One statement, so one transaction on its own; a deadlock (which the function's lock order
+        // prevents) would be retried.
         let mut attempt = 1;
-        let rows = loop {
-            let result = sqlx::query(
-                "SELECT out_seq, out_first_ts FROM natter_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-                 $10, $11)",
-            )
-            .bind(msg.sender.as_str())
-            .bind(dev(msg.sender_device))
-            .bind(msg.message_id.as_bytes().as_slice())
-            .bind(ts)
-            .bind(expires)
-            .bind(msg.retry.map(|r| r.of.as_bytes().to_vec()))
-            .bind(i64::from(msg.retry.map_or(0, |r| r.attempt)))
-            .bind(&phones)
-            .bind(&devices)
-            .bind(&olm_types)
-            .bind(&ciphertexts)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_device);
-            match result {
+        loop {
+            match enqueue_on(&self.pool, &msg).await {
                 Err(e) if attempt < MAX_ATTEMPTS && is_transient(&e) => attempt += 1,
-                other => break other?,
-            }
-        };
-        let mut seqs = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let seq: Option<i64> = row.try_get(0).map_err(db)?;
-            match seq {
-                Some(seq) => seqs.push(dec_u64("seq", seq)?),
-                None => {
-                    let first: Option<i64> = row.try_get(1).map_err(db)?;
-                    return Ok(EnqueueOutcome::Duplicate {
-                        server_ts_ms: dec_u64("server_ts_ms", first.unwrap_or(-1))?,
-                    });
-                }
+                other => return other,
             }
         }
-        if seqs.len() != n {
-            return Err(StoreError::Corrupt(format!(
-                "natter_enqueue returned {} seqs for {n} envelopes",
-                seqs.len()
-            )));
-        }
-        let stored = msg
-            .envelopes
-            .into_iter()
-            .zip(seqs)
-            .map(|(env, seq)| QueuedEnvelope {
-                seq,
-                phone: env.phone,
-                device_id: env.device_id,
-                sender: msg.sender.clone(),
-                sender_device: msg.sender_device,
-                message_id: msg.message_id,
-                server_ts_ms: msg.server_ts_ms,
-                olm_type: env.olm_type,
-                ciphertext: env.ciphertext,
-                retry: msg.retry,
-            })
-            .collect();
-        Ok(EnqueueOutcome::Stored(stored))
     }
 
     async fn load_queue(
@@ -1643,6 +1774,125 @@ impl Store for PgStore {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db)?;
+        rows.iter().map(|p| dec_phone(p)).collect()
+    }
+
+    async fn create_group(
+        &self,
+        state: &GroupState,
+        announcement: NewMessage,
+    ) -> StoreResult<GroupWritten> {
+        in_tx!(self.pool, |conn| write_group(
+            conn,
+            None,
+            state,
+            &announcement
+        ))
+    }
+
+    async fn get_group(&self, id: &GroupId) -> StoreResult<Option<GroupState>> {
+        // One snapshot for the group row and its members.
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let row: Option<GroupRow> = sqlx::query_as(
+            "SELECT id, name, description, version, all_members_may_edit, created_at_ms \
+             FROM groups WHERE id = $1",
+        )
+        .bind(id.as_bytes().as_slice())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let Some((gid, name, description, version, all, created)) = row else {
+            return Ok(None);
+        };
+        let rows: Vec<(String, bool, i64)> = sqlx::query_as(
+            "SELECT phone, admin, added_at_version FROM group_members WHERE group_id = $1 \
+             ORDER BY phone",
+        )
+        .bind(id.as_bytes().as_slice())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        let members = rows
+            .into_iter()
+            .map(|(phone, admin, added)| {
+                Ok(GroupMemberRecord {
+                    phone: dec_phone(&phone)?,
+                    admin,
+                    added_at_version: dec_u64("added_at_version", added)?,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(Some(GroupState {
+            group: GroupRecord {
+                id: dec_group_id(&gid)?,
+                name,
+                description,
+                version: dec_u64("group version", version)?,
+                all_members_may_edit: all,
+                created_at_ms: dec_u64("created_at_ms", created)?,
+            },
+            members,
+        }))
+    }
+
+    async fn update_group(
+        &self,
+        expected_version: u64,
+        state: &GroupState,
+        announcement: NewMessage,
+    ) -> StoreResult<GroupWritten> {
+        in_tx!(self.pool, |conn| write_group(
+            conn,
+            Some(expected_version),
+            state,
+            &announcement
+        ))
+    }
+
+    async fn group_devices(&self, id: &GroupId) -> StoreResult<Vec<(PhoneNumber, DeviceId)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT d.phone, d.device_id FROM group_members m JOIN devices d ON d.phone = m.phone \
+             WHERE m.group_id = $1 ORDER BY d.phone, d.device_id",
+        )
+        .bind(id.as_bytes().as_slice())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.into_iter()
+            .map(|(p, d)| Ok((dec_phone(&p)?, dec_device(d)?)))
+            .collect()
+    }
+
+    async fn groups_of(&self, phone: &PhoneNumber) -> StoreResult<Vec<GroupId>> {
+        let rows: Vec<Vec<u8>> = sqlx::query_scalar(
+            "SELECT group_id FROM group_members WHERE phone = $1 ORDER BY group_id",
+        )
+        .bind(phone.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(|g| dec_group_id(g)).collect()
+    }
+
+    async fn group_blockers(
+        &self,
+        id: &GroupId,
+        sender: &PhoneNumber,
+    ) -> StoreResult<Vec<PhoneNumber>> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT m.phone FROM group_members m JOIN blocks b ON b.owner = m.phone \
+             WHERE m.group_id = $1 AND b.blocked = $2 ORDER BY m.phone",
+        )
+        .bind(id.as_bytes().as_slice())
+        .bind(sender.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
         rows.iter().map(|p| dec_phone(p)).collect()
     }
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use natter_proto::{DeviceId, MessageId, PhoneNumber};
+use natter_proto::{DeviceId, GroupId, MessageId, PhoneNumber};
 use natter_sqlite::{MigrateError, Migration};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -27,8 +27,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::memory::checked_i64;
 use super::{
     AccountRecord, AppStateFetch, BlobRecord, ClaimedPreKey, CodeRecord, DeviceListUpdate,
-    DeviceRecord, EnqueueOutcome, NewAccount, NewMessage, PreKeyRecord, PrivacyRecord,
-    QueuedEnvelope, RetryInfo, Store, StoreError, StoreResult,
+    DeviceRecord, EnqueueOutcome, GroupMemberRecord, GroupRecord, GroupState, GroupWritten,
+    NewAccount, NewMessage, PreKeyRecord, PrivacyRecord, QueuedEnvelope, RetryInfo, Store,
+    StoreError, StoreResult,
 };
 
 /// Most write commands the writer runs in one transaction.
@@ -57,6 +58,10 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 4,
         sql: include_str!("../../migrations/sqlite/004_social.sql"),
+    },
+    Migration {
+        version: 5,
+        sql: include_str!("../../migrations/sqlite/005_groups.sql"),
     },
 ];
 
@@ -323,6 +328,8 @@ enum Op {
     SetProfile(PhoneNumber, Vec<u8>, u64),
     SetPrivacy(PhoneNumber, PrivacyRecord),
     SetBlocked(PhoneNumber, PhoneNumber, bool),
+    /// A group write: `None` creates, `Some(v)` updates a group still at version `v`.
+    WriteGroup(Option<u64>, GroupState, NewMessage),
 }
 
 /// A write command's result.
@@ -336,6 +343,7 @@ enum Done {
     Created(bool),
     Ids(Vec<String>),
     Version(u64),
+    Group(GroupWritten),
 }
 
 /// The writer task: group commit until every sender is gone.
@@ -631,6 +639,11 @@ impl Op {
                 .await
                 .map_err(db)?;
                 Ok(Done::Unit)
+            }
+            Op::WriteGroup(expected, state, announcement) => {
+                write_group(conn, *expected, state, announcement)
+                    .await
+                    .map(Done::Group)
             }
             Op::SetBlocked(owner, other, blocked) => {
                 let sql = if *blocked {
@@ -1155,6 +1168,91 @@ async fn enqueue(conn: &mut SqliteConnection, msg: &NewMessage) -> StoreResult<E
     Ok(EnqueueOutcome::Stored(stored))
 }
 
+type GroupRow = (Vec<u8>, String, String, i64, i64, i64);
+
+/// Creates (`expected` is `None`) or conditionally replaces a group, then stores its announcement.
+async fn write_group(
+    conn: &mut SqliteConnection,
+    expected: Option<u64>,
+    state: &GroupState,
+    announcement: &NewMessage,
+) -> StoreResult<GroupWritten> {
+    let g = &state.group;
+    let id = g.id.as_bytes().as_slice();
+    let version = checked_i64("group version", g.version)?;
+    let created = checked_i64("created_at_ms", g.created_at_ms)?;
+    let stored: Option<i64> = sqlx::query_scalar("SELECT version FROM groups WHERE id = ?1")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db)?;
+    match (expected, stored) {
+        (None, Some(_)) => return Err(StoreError::Conflict),
+        (Some(_), None) => return Err(StoreError::NoSuchGroup),
+        (Some(want), Some(have)) if dec_u64("group version", have)? != want => {
+            return Err(StoreError::Conflict);
+        }
+        _ => {}
+    }
+    sqlx::query("DELETE FROM group_members WHERE group_id = ?1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    if state.members.is_empty() {
+        sqlx::query("DELETE FROM groups WHERE id = ?1")
+            .bind(id)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+    } else {
+        sqlx::query(
+            "INSERT INTO groups (id, name, description, version, all_members_may_edit, created_at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO UPDATE SET name = excluded.name, \
+             description = excluded.description, version = excluded.version, \
+             all_members_may_edit = excluded.all_members_may_edit",
+        )
+        .bind(id)
+        .bind(g.name.as_str())
+        .bind(g.description.as_str())
+        .bind(version)
+        .bind(i64::from(g.all_members_may_edit))
+        .bind(created)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+        for m in &state.members {
+            sqlx::query(
+                "INSERT INTO group_members (group_id, phone, admin, added_at_version) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )
+            .bind(id)
+            .bind(m.phone.as_str())
+            .bind(i64::from(m.admin))
+            .bind(checked_i64("added_at_version", m.added_at_version)?)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+        }
+    }
+    Ok(match enqueue(conn, announcement).await? {
+        EnqueueOutcome::Stored(queued) => queued,
+        EnqueueOutcome::Duplicate { .. } => Vec::new(),
+    })
+}
+
+fn dec_bool(what: &str, v: i64) -> StoreResult<bool> {
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(StoreError::Corrupt(format!("{what}: {v}"))),
+    }
+}
+
+fn dec_group_id(bytes: &[u8]) -> StoreResult<GroupId> {
+    GroupId::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
 fn mismatch<T>() -> StoreResult<T> {
     Err(writer_error(WriterError::Mismatch))
 }
@@ -1674,6 +1772,125 @@ impl Store for SqliteStore {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db)?;
+        rows.iter().map(|p| dec_phone(p)).collect()
+    }
+
+    async fn create_group(
+        &self,
+        state: &GroupState,
+        announcement: NewMessage,
+    ) -> StoreResult<GroupWritten> {
+        match self
+            .write(Op::WriteGroup(None, state.clone(), announcement))
+            .await?
+        {
+            Done::Group(q) => Ok(q),
+            _ => mismatch(),
+        }
+    }
+
+    async fn get_group(&self, id: &GroupId) -> StoreResult<Option<GroupState>> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        let row: Option<GroupRow> = sqlx::query_as(
+            "SELECT id, name, description, version, all_members_may_edit, created_at_ms \
+             FROM groups WHERE id = ?1",
+        )
+        .bind(id.as_bytes().as_slice())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db)?;
+        let Some((gid, name, description, version, all, created)) = row else {
+            return Ok(None);
+        };
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT phone, admin, added_at_version FROM group_members WHERE group_id = ?1 \
+             ORDER BY phone",
+        )
+        .bind(id.as_bytes().as_slice())
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
+        let members = rows
+            .into_iter()
+            .map(|(phone, admin, added)| {
+                Ok(GroupMemberRecord {
+                    phone: dec_phone(&phone)?,
+                    admin: dec_bool("admin", admin)?,
+                    added_at_version: dec_u64("added_at_version", added)?,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(Some(GroupState {
+            group: GroupRecord {
+                id: dec_group_id(&gid)?,
+                name,
+                description,
+                version: dec_u64("group version", version)?,
+                all_members_may_edit: dec_bool("all_members_may_edit", all)?,
+                created_at_ms: dec_u64("created_at_ms", created)?,
+            },
+            members,
+        }))
+    }
+
+    async fn update_group(
+        &self,
+        expected_version: u64,
+        state: &GroupState,
+        announcement: NewMessage,
+    ) -> StoreResult<GroupWritten> {
+        match self
+            .write(Op::WriteGroup(
+                Some(expected_version),
+                state.clone(),
+                announcement,
+            ))
+            .await?
+        {
+            Done::Group(q) => Ok(q),
+            _ => mismatch(),
+        }
+    }
+
+    async fn group_devices(&self, id: &GroupId) -> StoreResult<Vec<(PhoneNumber, DeviceId)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT d.phone, d.device_id FROM group_members m JOIN devices d ON d.phone = m.phone \
+             WHERE m.group_id = ?1 ORDER BY d.phone, d.device_id",
+        )
+        .bind(id.as_bytes().as_slice())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.into_iter()
+            .map(|(p, d)| Ok((dec_phone(&p)?, dec_device(d)?)))
+            .collect()
+    }
+
+    async fn groups_of(&self, phone: &PhoneNumber) -> StoreResult<Vec<GroupId>> {
+        let rows: Vec<Vec<u8>> = sqlx::query_scalar(
+            "SELECT group_id FROM group_members WHERE phone = ?1 ORDER BY group_id",
+        )
+        .bind(phone.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(|g| dec_group_id(g)).collect()
+    }
+
+    async fn group_blockers(
+        &self,
+        id: &GroupId,
+        sender: &PhoneNumber,
+    ) -> StoreResult<Vec<PhoneNumber>> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT m.phone FROM group_members m JOIN blocks b ON b.owner = m.phone \
+             WHERE m.group_id = ?1 AND b.blocked = ?2 ORDER BY m.phone",
+        )
+        .bind(id.as_bytes().as_slice())
+        .bind(sender.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
         rows.iter().map(|p| dec_phone(p)).collect()
     }
 }

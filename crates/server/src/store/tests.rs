@@ -10,8 +10,9 @@ use natter_proto::{DeviceId, MessageId, PhoneNumber};
 use super::memory::MemoryStore;
 use super::sqlite::SqliteStore;
 use super::{
-    AccountRecord, BlobRecord, ClaimedPreKey, CodeRecord, DeviceRecord, EnqueueOutcome, NewAccount,
-    NewEnvelope, NewMessage, PreKeyRecord, PrivacyRecord, QueuedEnvelope, Store, StoreError,
+    AccountRecord, BlobRecord, ClaimedPreKey, CodeRecord, DeviceRecord, EnqueueOutcome,
+    GroupMemberRecord, GroupRecord, GroupState, NewAccount, NewEnvelope, NewMessage, PreKeyRecord,
+    PrivacyRecord, QueuedEnvelope, Store, StoreError,
 };
 
 // ---- fixtures ----
@@ -996,6 +997,144 @@ async fn app_state(s: &impl Store) {
     ));
 }
 
+fn group_state(id: u8, version: u64, members: &[(&PhoneNumber, bool)]) -> GroupState {
+    GroupState {
+        group: GroupRecord {
+            id: natter_proto::GroupId::from_bytes([id; 16]),
+            name: format!("group {id} v{version}"),
+            description: "about".into(),
+            version,
+            all_members_may_edit: false,
+            created_at_ms: 500,
+        },
+        members: members
+            .iter()
+            .map(|(p, admin)| GroupMemberRecord {
+                phone: (*p).clone(),
+                admin: *admin,
+                added_at_version: 1,
+            })
+            .collect(),
+    }
+}
+
+async fn groups(s: &dyn Store) {
+    let (a, b) = two_accounts(s).await;
+    let c = phone(3);
+    s.create_account(&new_account(&c, 30)).await.unwrap();
+    // A second device for B.
+    let b2 = DeviceRecord {
+        device_id: dev(2),
+        ..device_record(&b, 21)
+    };
+    s.update_devices(
+        &b,
+        &super::DeviceListUpdate {
+            device_list: vec![9],
+            version: 2,
+            added: vec![b2],
+            removed: vec![],
+        },
+    )
+    .await
+    .unwrap();
+    let gid = natter_proto::GroupId::from_bytes([7; 16]);
+    assert_eq!(s.get_group(&gid).await.unwrap(), None);
+    assert!(s.group_devices(&gid).await.unwrap().is_empty());
+
+    // Created with its announcement, atomically; members come back ordered by number.
+    let v1 = group_state(7, 1, &[(&b, false), (&a, true)]);
+    let announce = |id: u8, to: Vec<(PhoneNumber, u32)>| {
+        message(
+            &a,
+            1,
+            mid(id),
+            100,
+            to.iter().map(|(p, d)| envelope(p, *d, b"change")).collect(),
+        )
+    };
+    let queued = s
+        .create_group(&v1, announce(1, vec![(b.clone(), 1), (b.clone(), 2)]))
+        .await
+        .unwrap();
+    assert_eq!(queued.len(), 2);
+    assert_eq!(queued[1].device_id, dev(2));
+    let got = s.get_group(&gid).await.unwrap().unwrap();
+    assert_eq!(got.group, v1.group);
+    assert_eq!(
+        got.members.iter().map(|m| &m.phone).collect::<Vec<_>>(),
+        vec![&a, &b]
+    );
+    assert!(got.members[0].admin && !got.members[1].admin);
+    assert_eq!(
+        s.group_devices(&gid).await.unwrap(),
+        vec![
+            (a.clone(), dev(1)),
+            (b.clone(), dev(1)),
+            (b.clone(), dev(2))
+        ]
+    );
+    assert_eq!(queue_of(s, &b).await.len(), 1);
+    assert!(matches!(
+        s.create_group(&v1, announce(2, vec![])).await,
+        Err(StoreError::Conflict)
+    ));
+
+    // A failed announcement (a device that does not exist) leaves nothing behind.
+    let other = group_state(8, 1, &[(&a, true)]);
+    assert!(matches!(
+        s.create_group(&other, announce(3, vec![(c.clone(), 4)]))
+            .await,
+        Err(StoreError::NoSuchDevice)
+    ));
+    assert_eq!(s.get_group(&other.group.id).await.unwrap(), None);
+
+    // Updates are conditional on the version.
+    let v2 = group_state(7, 2, &[(&a, true), (&c, false)]);
+    assert!(matches!(
+        s.update_group(5, &v2, announce(4, vec![])).await,
+        Err(StoreError::Conflict)
+    ));
+    assert!(matches!(
+        s.update_group(1, &group_state(9, 2, &[(&a, true)]), announce(5, vec![]))
+            .await,
+        Err(StoreError::NoSuchGroup)
+    ));
+    let queued = s
+        .update_group(1, &v2, announce(6, vec![(c.clone(), 1), (b.clone(), 1)]))
+        .await
+        .unwrap();
+    assert_eq!(queued.len(), 2);
+    assert_eq!(s.get_group(&gid).await.unwrap().unwrap(), v2);
+    assert_eq!(
+        s.group_devices(&gid).await.unwrap(),
+        vec![(a.clone(), dev(1)), (c.clone(), dev(1))]
+    );
+    assert_eq!(s.groups_of(&a).await.unwrap(), vec![gid]);
+    assert!(s.groups_of(&b).await.unwrap().is_empty());
+    s.create_group(&group_state(3, 1, &[(&a, true)]), announce(7, vec![]))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.groups_of(&a).await.unwrap(),
+        vec![natter_proto::GroupId::from_bytes([3; 16]), gid]
+    );
+
+    // Who blocked a sender, among the members.
+    assert!(s.group_blockers(&gid, &a).await.unwrap().is_empty());
+    s.set_blocked(&c, &a, true).await.unwrap();
+    s.set_blocked(&b, &a, true).await.unwrap(); // not a member any more
+    assert_eq!(s.group_blockers(&gid, &a).await.unwrap(), vec![c.clone()]);
+    assert!(s.group_blockers(&gid, &c).await.unwrap().is_empty());
+
+    // The last member leaving deletes the group.
+    s.update_group(2, &group_state(7, 3, &[]), announce(8, vec![]))
+        .await
+        .unwrap();
+    assert_eq!(s.get_group(&gid).await.unwrap(), None);
+    assert_eq!(s.groups_of(&c).await.unwrap(), vec![]);
+}
+
 /// Generates one `#[tokio::test]` per suite function and backend: `memory_store::NAME`,
 /// `sqlite_store::NAME` and `postgres_store::NAME`.
 macro_rules! conformance {
@@ -1090,6 +1229,7 @@ async fn social(s: &impl Store) {
 }
 
 conformance!(
+    groups,
     social,
     device_list_updates,
     codes,
@@ -1196,7 +1336,7 @@ async fn sqlite_store_survives_reopen() {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(versions, vec![1, 2, 3, 4]);
+    assert_eq!(versions, vec![1, 2, 3, 4, 5]);
 }
 
 #[tokio::test]
