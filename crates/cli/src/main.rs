@@ -235,6 +235,98 @@ enum Command {
         /// The contact's number.
         number: String,
     },
+    /// Group chats: create, send, change membership and settings, show receipts.
+    Group {
+        /// What to do.
+        #[command(subcommand)]
+        action: GroupAction,
+    },
+    /// List the groups this account is in.
+    Groups,
+}
+
+/// `group` subcommands. A group is named by its id (or a unique prefix of at least 4 hex digits) or by
+/// its name if no other group has it.
+#[derive(Subcommand, Debug)]
+enum GroupAction {
+    /// Create a group with you as admin; prints its id.
+    Create {
+        /// The group's name.
+        name: String,
+        /// The other members' numbers.
+        members: Vec<String>,
+    },
+    /// Send a text to every member; exits 0 once the server has accepted it for every member device.
+    Send {
+        /// The group.
+        group: String,
+        /// The text (several words are joined with spaces).
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
+    /// Add members (admins only, unless every member may edit).
+    Add {
+        /// The group.
+        group: String,
+        /// Their numbers.
+        #[arg(required = true, num_args = 1..)]
+        numbers: Vec<String>,
+    },
+    /// Remove members (admins only, unless every member may edit); sender keys rotate.
+    Remove {
+        /// The group.
+        group: String,
+        /// Their numbers.
+        #[arg(required = true, num_args = 1..)]
+        numbers: Vec<String>,
+    },
+    /// Make members admins (admins only).
+    Promote {
+        /// The group.
+        group: String,
+        /// Their numbers.
+        #[arg(required = true, num_args = 1..)]
+        numbers: Vec<String>,
+    },
+    /// Make admins ordinary members (admins only).
+    Demote {
+        /// The group.
+        group: String,
+        /// Their numbers.
+        #[arg(required = true, num_args = 1..)]
+        numbers: Vec<String>,
+    },
+    /// Leave the group.
+    Leave {
+        /// The group.
+        group: String,
+    },
+    /// Show the group (members, admins), or with --message the receipts of one of your messages.
+    Info {
+        /// The group.
+        group: String,
+        /// One of your messages (its id): delivered and read, per member.
+        #[arg(long)]
+        message: Option<String>,
+    },
+    /// Rename the group (and optionally change its description).
+    Rename {
+        /// The group.
+        group: String,
+        /// The new name (several words are joined with spaces).
+        #[arg(required = true, num_args = 1..)]
+        name: Vec<String>,
+        /// A new description.
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Let every member edit name, description and membership (on), or admins only (off).
+    Editing {
+        /// The group.
+        group: String,
+        /// on or off.
+        state: Switch,
+    },
 }
 
 /// A progress bar counting `unit`s on stderr, hidden with `--json` or when stderr is not a terminal.
@@ -598,7 +690,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out.saved(&saved?);
         }
         Command::Recv { wait } => recv(&client, &out, wait).await?,
-        Command::Chat { number } => chat(&client, &out, &parse_number(&number)?).await?,
+        Command::Chat { number } => match parse_number(&number) {
+            Ok(peer) => chat(&client, &out, &peer).await?,
+            Err(not_a_number) => {
+                let g = match resolve_group(&client, &number).await {
+                    Ok(g) => g,
+                    Err(_) => return Err(not_a_number),
+                };
+                group_chat(&client, &out, g.id).await?
+            }
+        },
+        Command::Group { action } => group(&client, &out, action).await?,
+        Command::Groups => {
+            if client.connect().await.is_ok() {
+                if let Err(e) = client.refresh_groups().await {
+                    out.note(&format!(
+                        "could not refresh the groups from the server: {e}"
+                    ));
+                }
+                client.disconnect().await;
+            }
+            out.groups(&client.groups().await?);
+        }
         Command::History { number, older } => {
             let peer = parse_number(&number)?;
             let mut messages = if older {
@@ -841,7 +954,9 @@ async fn recv(client: &Client, out: &Printer, wait: f64) -> anyhow::Result<()> {
         loop {
             match tokio::time::timeout(idle, events.recv()).await {
                 Err(_) => break,
-                Ok(Ok(Event::Message(_))) => print_unshown(client, out).await?,
+                Ok(Ok(Event::Message(_) | Event::GroupMessage(_))) => {
+                    print_unshown(client, out).await?
+                }
                 Ok(Ok(Event::DeviceRemoved(r))) => return Err(ClientError::DeviceRemoved(r).into()),
                 Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
                 Ok(Err(_)) => break,
@@ -857,6 +972,196 @@ async fn print_unshown(client: &Client, out: &Printer) -> anyhow::Result<()> {
     for m in client.take_unshown().await? {
         out.message(&m);
     }
+    let mut names = std::collections::HashMap::new();
+    for m in client.take_unshown_group().await? {
+        let name = match names.get(&m.group) {
+            Some(n) => String::clone(n),
+            None => {
+                let n = client
+                    .group(&m.group)
+                    .await?
+                    .map(|g| g.name)
+                    .unwrap_or_else(|| m.group.to_hex());
+                names.insert(m.group, n.clone());
+                n
+            }
+        };
+        out.group_message(&m, &name);
+    }
+    Ok(())
+}
+
+/// A group by id, id prefix or name; asks the server for our groups if this device does not know it.
+async fn resolve_group(client: &Client, key: &str) -> anyhow::Result<natter_client::GroupInfo> {
+    match client.find_group(key).await {
+        Ok(g) => Ok(g),
+        Err(first) => {
+            if client.connect().await.is_ok() {
+                let _ = client.refresh_groups().await;
+            }
+            client.find_group(key).await.map_err(|_| first.into())
+        }
+    }
+}
+
+fn numbers(list: &[String]) -> anyhow::Result<Vec<PhoneNumber>> {
+    list.iter().map(|n| parse_number(n)).collect()
+}
+
+/// Connects and processes what the server queued (so that receipts and changes are applied).
+async fn catch_up(client: &Client) -> anyhow::Result<()> {
+    let mut events = client.subscribe();
+    client.connect().await?;
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await {
+                Ok(Event::BacklogDone) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    Ok(())
+}
+
+async fn group(client: &Client, out: &Printer, action: GroupAction) -> anyhow::Result<()> {
+    match action {
+        GroupAction::Create { name, members } => {
+            let members = numbers(&members)?;
+            catch_up(client).await?;
+            let g = client.create_group(&name, &members).await;
+            client.disconnect().await;
+            out.group_created(&g?);
+        }
+        GroupAction::Send { group, text } => {
+            catch_up(client).await?;
+            let g = resolve_group(client, &group).await?;
+            let sent = client.send_group_text(&g.id, &text.join(" ")).await;
+            let _ = client.wait_outbox_empty(Duration::from_secs(2)).await;
+            client.disconnect().await;
+            out.group_sent(&sent?);
+        }
+        GroupAction::Info { group, message } => {
+            if catch_up(client).await.is_ok() {
+                let _ = client.wait_outbox_empty(Duration::from_secs(2)).await;
+            }
+            let g = resolve_group(client, &group).await?;
+            let g = match client.refresh_group(&g.id).await {
+                Ok(Some(fresh)) => fresh,
+                _ => client.group(&g.id).await?.unwrap_or(g),
+            };
+            client.disconnect().await;
+            match message {
+                None => out.group(&g),
+                Some(id) => {
+                    let id = natter_proto::MessageId::from_hex(&id)
+                        .map_err(|e| ClientError::InvalidInput(e.to_string()))?;
+                    let m = client.group_message(&g.id, &id).await?.ok_or_else(|| {
+                        ClientError::InvalidInput(format!("no message {id} in this group"))
+                    })?;
+                    out.group_receipts(&m, &client.group_receipts(&g.id, &id).await?);
+                }
+            }
+        }
+        other => {
+            catch_up(client).await?;
+            let result = match other {
+                GroupAction::Add { group, numbers: n } => {
+                    let g = resolve_group(client, &group).await?;
+                    client.group_add(&g.id, &numbers(&n)?).await
+                }
+                GroupAction::Remove { group, numbers: n } => {
+                    let g = resolve_group(client, &group).await?;
+                    client.group_remove(&g.id, &numbers(&n)?).await
+                }
+                GroupAction::Promote { group, numbers: n } => {
+                    let g = resolve_group(client, &group).await?;
+                    client.group_promote(&g.id, &numbers(&n)?).await
+                }
+                GroupAction::Demote { group, numbers: n } => {
+                    let g = resolve_group(client, &group).await?;
+                    client.group_demote(&g.id, &numbers(&n)?).await
+                }
+                GroupAction::Leave { group } => {
+                    let g = resolve_group(client, &group).await?;
+                    client.group_leave(&g.id).await
+                }
+                GroupAction::Rename {
+                    group,
+                    name,
+                    description,
+                } => {
+                    let g = resolve_group(client, &group).await?;
+                    client
+                        .group_rename(&g.id, &name.join(" "), description.as_deref())
+                        .await
+                }
+                GroupAction::Editing { group, state } => {
+                    let g = resolve_group(client, &group).await?;
+                    client
+                        .group_set_all_may_edit(&g.id, matches!(state, Switch::On))
+                        .await
+                }
+                // Handled above.
+                GroupAction::Create { .. }
+                | GroupAction::Send { .. }
+                | GroupAction::Info { .. } => {
+                    return Ok(());
+                }
+            };
+            client.disconnect().await;
+            out.group(&result?);
+        }
+    }
+    Ok(())
+}
+
+/// `chat <group>`: the group's recent history, then type to send; messages appear live.
+async fn group_chat(
+    client: &Client,
+    out: &Printer,
+    id: natter_proto::GroupId,
+) -> anyhow::Result<()> {
+    let mut events = client.subscribe();
+    client.connect().await?;
+    let name = client.group(&id).await?.map(|g| g.name).unwrap_or_default();
+    let history = client.group_history(&id).await?;
+    for m in &history[history.len().saturating_sub(20)..] {
+        out.group_message(m, &name);
+    }
+    out.note(&format!(
+        "chatting in {name}: type a message and press Enter; /quit or Ctrl-D to leave"
+    ));
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            line = lines.next_line() => {
+                let Some(line) = line? else { break };
+                let text = line.trim();
+                if text.is_empty() {
+                    continue;
+                }
+                if text == "/quit" {
+                    break;
+                }
+                match client.send_group_text(&id, text).await {
+                    Ok(m) => out.group_sent(&m),
+                    Err(e) if e.is_transient() => out.note(&format!("not sent yet ({e}); it goes out when the connection is back")),
+                    Err(e) => out.note(&format!("not sent: {e}")),
+                }
+            }
+            ev = events.recv() => match ev {
+                Ok(Event::GroupMessage(_) | Event::Message(_)) => print_unshown(client, out).await?,
+                Ok(Event::Disconnected) => out.note("connection lost; reconnecting…"),
+                Ok(Event::DeviceRemoved(r)) => return Err(ClientError::DeviceRemoved(r).into()),
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    let _ = client.wait_outbox_empty(Duration::from_secs(3)).await;
+    client.disconnect().await;
     Ok(())
 }
 

@@ -690,6 +690,171 @@ pub fn presence_words(p: natter_client::PresenceInfo) -> String {
     }
 }
 
+/// Group output.
+impl Printer {
+    /// A group was created: its id.
+    pub fn group_created(&self, g: &natter_client::GroupInfo) {
+        if self.json {
+            say!("{}", json!({"id": g.id.to_hex(), "name": g.name}));
+        } else {
+            say!("{}", g.id);
+        }
+    }
+
+    fn group_json(g: &natter_client::GroupInfo) -> serde_json::Value {
+        json!({
+            "id": g.id.to_hex(),
+            "name": g.name,
+            "description": g.description,
+            "version": g.version,
+            "all_members_may_edit": g.all_members_may_edit,
+            "left": g.left,
+            "members": g.members.iter().map(|m| json!({"number": m.phone.as_str(), "admin": m.admin})).collect::<Vec<_>>(),
+        })
+    }
+
+    /// A group's state (after a change, or for `group info`).
+    pub fn group(&self, g: &natter_client::GroupInfo) {
+        if self.json {
+            say!("{}", Self::group_json(g));
+        } else {
+            say!(
+                "{} \"{}\" ({} members){}",
+                g.id,
+                g.name,
+                g.members.len(),
+                if g.left { ", left" } else { "" }
+            );
+            if !g.description.is_empty() {
+                say!("  {}", g.description);
+            }
+            for m in &g.members {
+                let me = self.me.as_ref() == Some(&m.phone);
+                say!(
+                    "  {}{}{}",
+                    m.phone,
+                    if m.admin { " (admin)" } else { "" },
+                    if me { " (you)" } else { "" }
+                );
+            }
+        }
+    }
+
+    /// The list of `groups`.
+    pub fn groups(&self, list: &[natter_client::GroupInfo]) {
+        for g in list {
+            if self.json {
+                say!("{}", Self::group_json(g));
+            } else {
+                say!(
+                    "{}  {}  ({} members{})",
+                    g.id,
+                    g.name,
+                    g.members.len(),
+                    if g.left { ", left" } else { "" }
+                );
+            }
+        }
+    }
+
+    fn group_message_json(
+        &self,
+        m: &natter_client::GroupMessageRecord,
+        name: &str,
+    ) -> serde_json::Value {
+        json!({
+            "id": m.id.to_hex(),
+            "chat": m.group.to_hex(),
+            "group": m.group.to_hex(),
+            "group_name": name,
+            "from": m.sender.as_str(),
+            "from_me": m.from_me,
+            "device": m.sender_device.get(),
+            "kind": kind_word(m.kind),
+            "text": m.text,
+            "ts": if m.server_ts_ms > 0 { m.server_ts_ms } else { m.sent_at_ms },
+            "sent_at": m.sent_at_ms,
+            "status": status_word(m.status),
+        })
+    }
+
+    /// A group message (`recv`, `chat <group>`): group, sender and device.
+    pub fn group_message(&self, m: &natter_client::GroupMessageRecord, name: &str) {
+        if self.json {
+            say!("{}", self.group_message_json(m, name));
+            return;
+        }
+        let t = format_time(if m.server_ts_ms > 0 {
+            m.server_ts_ms
+        } else {
+            m.sent_at_ms
+        });
+        let who = if m.from_me {
+            "me".to_string()
+        } else {
+            m.sender.to_string()
+        };
+        match m.kind {
+            MessageKind::Notice => say!("[{t}] {name}: ⚑ {}", m.text),
+            MessageKind::Undecryptable => say!(
+                "[{t}] {name} / {who} (device {}): ⚠ could not decrypt this message",
+                m.sender_device
+            ),
+            _ => say!(
+                "[{t}] {name} / {who} (device {}): {}",
+                m.sender_device,
+                m.text
+            ),
+        }
+    }
+
+    /// A group message the server accepted.
+    pub fn group_sent(&self, m: &natter_client::GroupMessageRecord) {
+        if self.json {
+            say!(
+                "{}",
+                json!({"id": m.id.to_hex(), "group": m.group.to_hex(), "status": status_word(m.status), "ts": m.server_ts_ms})
+            );
+        } else {
+            say!("✓ sent to group {} ({})", m.group, m.id);
+        }
+    }
+
+    /// Per-member receipts of one of our group messages.
+    pub fn group_receipts(
+        &self,
+        m: &natter_client::GroupMessageRecord,
+        r: &natter_client::ReceiptSummary,
+    ) {
+        if self.json {
+            say!(
+                "{}",
+                json!({
+                    "id": m.id.to_hex(),
+                    "group": m.group.to_hex(),
+                    "text": m.text,
+                    "members": r.members,
+                    "delivered": r.delivered,
+                    "read": r.read,
+                    "per_member": r.per_member.iter().map(|(p, s)| json!({"number": p.as_str(), "status": status_word(*s)})).collect::<Vec<_>>(),
+                })
+            );
+        } else {
+            say!(
+                "{}: delivered to {}/{} members, read by {}/{}",
+                m.id,
+                r.delivered,
+                r.members,
+                r.read,
+                r.members
+            );
+            for (p, s) in &r.per_member {
+                say!("  {p}  {}", status_word(*s));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{format_time, human_size};

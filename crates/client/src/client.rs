@@ -199,6 +199,34 @@ impl Client {
         Ok(Self::with_store(home, Arc::new(store), cipher, lock))
     }
 
+    /// Opens a device whose state lives in memory only (nothing survives the process): for tests and load
+    /// generators that need many devices at once. `home` holds only the lock file.
+    pub async fn open_ephemeral(home: impl AsRef<Path>) -> Result<Client> {
+        let home = home.as_ref().to_path_buf();
+        std::fs::create_dir_all(&home).map_err(io_err(&home))?;
+        let lock_path = home.join(LOCK_FILE);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(ClientError::HomeLocked(home.display().to_string()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+        }
+        let store = crate::store::memory::MemoryStore::new();
+        Ok(Self::with_store(
+            home,
+            Arc::new(store),
+            StoreCipher::generate(),
+            lock,
+        ))
+    }
+
     fn with_store(
         home: PathBuf,
         store: Arc<dyn ClientStore>,

@@ -1,6 +1,6 @@
 //! What a client tells its UI: new messages, status changes, connection state.
 
-use natter_proto::{MessageId, PhoneNumber};
+use natter_proto::{GroupId, MessageId, PhoneNumber};
 
 use crate::store::{MessageRecord, MessageStatus};
 
@@ -78,5 +78,38 @@ pub enum Event {
         phone: PhoneNumber,
         /// Typing now.
         typing: bool,
+    },
+    /// A new entry in a group conversation (a message or a notice of a change).
+    GroupMessage(crate::groups::GroupMessageRecord),
+    /// A group's membership or settings changed (or we learnt of a new group).
+    GroupChanged(crate::groups::GroupInfo),
+    /// One of our group messages was sent or failed.
+    GroupStatus {
+        /// The group.
+        group: GroupId,
+        /// The message.
+        id: MessageId,
+        /// Its new status.
+        status: MessageStatus,
+    },
+    /// A member's device decrypted (or the member read) one of our group messages.
+    GroupReceipt {
+        /// The group.
+        group: GroupId,
+        /// The message.
+        id: MessageId,
+        /// The member.
+        member: PhoneNumber,
+        /// Delivered or read.
+        status: MessageStatus,
+    },
+    /// A group message repeated an earlier one's (session, index) and was refused.
+    GroupReplayRefused {
+        /// The group.
+        group: GroupId,
+        /// The claimed sender.
+        sender: PhoneNumber,
+        /// The repeated Megolm index.
+        index: u32,
     },
 }

@@ -14,6 +14,7 @@
 //!   account's devices, verified with MACs and an LTHash.
 //! - [`store`]: the [`store::ClientStore`] trait and its backends.
 //! - [`events`]: the [`Event`]s a UI listens to.
+//! - [`groups`]: group chats with sender keys (Megolm): membership, sending, receiving, receipts.
 //! - [`history`]: history sync from the primary to a new companion, and requests for older history.
 //! - [`contacts`] and [`addressbook`]: address-book import and discovery, encrypted profiles, privacy
 //!   settings, blocking, presence and typing.
@@ -28,6 +29,7 @@ pub mod contacts;
 pub mod devices;
 pub mod error;
 pub mod events;
+pub mod groups;
 pub mod history;
 pub mod link;
 pub mod media;
@@ -39,6 +41,7 @@ pub use client::{Client, WhoAmI};
 pub use contacts::{Contact, ImportReport, PresenceInfo, ProfileInfo};
 pub use error::{ClientError, Result};
 pub use events::Event;
+pub use groups::{GroupInfo, GroupMemberInfo, GroupMessageRecord, ReceiptSummary};
 pub use history::{HistoryOptions, HistorySent};
 pub use link::{DeviceInfo, LinkedDevice};
 pub use media::Progress;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use natter_crypto::{OlmCiphertext, OlmSession};
 use natter_proto::content::{self, Content, Receipt, ReceiptKind, RetryRequest, Text};
+use natter_proto::group::{ENVELOPE_GROUP_CHANGE, ENVELOPE_GROUP_MESSAGE};
 use natter_proto::limits::{
     MAX_DECRYPT_RETRIES, MAX_RECEIPT_IDS, MAX_TEXT_BYTES, ONE_TIME_KEYS_TARGET,
 };
@@ -53,6 +54,8 @@ struct Outcome {
     retry_requests: Vec<(PhoneNumber, DeviceId, MessageId, u32)>,
     /// History jobs were queued (saved with the envelope): run them.
     history: bool,
+    /// Group fetches and key requests to send.
+    group: crate::groups::GroupFollowUps,
 }
 
 /// The conversation a message belongs to: the sender's, or for a copy from one of our own devices the
@@ -130,7 +133,7 @@ impl Client {
                 Err(e) => tracing::info!(error = %e, "outbox entry refused for good"),
             }
         }
-        Ok(())
+        self.flush_group_outbox().await
     }
 
     /// Encrypts one outbox entry for every device it goes to and sends it; returns the server's
@@ -568,6 +571,10 @@ impl Client {
                     outcome.resends.extend(o.resends);
                     outcome.retry_requests.extend(o.retry_requests);
                     outcome.history |= o.history;
+                    let g = o.group;
+                    outcome.group.refresh.extend(g.refresh);
+                    outcome.group.key_requests.extend(g.key_requests);
+                    outcome.group.key_answers.extend(g.key_answers);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not process an envelope; it stays on the server");
@@ -585,6 +592,7 @@ impl Client {
         if outcome.history {
             self.spawn_history_jobs();
         }
+        self.spawn_group_follow_ups(std::mem::take(&mut outcome.group));
         if let Err(e) = self.queue_follow_ups(&me, outcome).await {
             tracing::warn!(error = %e, "could not queue receipts");
         }
@@ -652,7 +660,7 @@ impl Client {
         Ok(())
     }
 
-    fn queue_receipts(
+    pub(crate) fn queue_receipts(
         &self,
         changes: &mut Changes,
         chat: &PhoneNumber,
@@ -691,6 +699,31 @@ impl Client {
         };
         let store = &self.inner.store;
         if store.is_processed(&sender, &tid).await? {
+            return Ok(out);
+        }
+        if env.olm_type == ENVELOPE_GROUP_MESSAGE || env.olm_type == ENVELOPE_GROUP_CHANGE {
+            tracing::debug!(kind = env.olm_type, "group envelope");
+            let mut changes = Changes::default();
+            changes.processed.push((sender.clone(), tid));
+            let _crypto = self.inner.crypto.lock().await;
+            if env.olm_type == ENVELOPE_GROUP_CHANGE {
+                self.apply_group_change(me, env, &sender, device, &mut changes, &mut out.group)
+                    .await?;
+            } else {
+                self.apply_group_message(
+                    me,
+                    env,
+                    &sender,
+                    device,
+                    tid,
+                    &mut changes,
+                    &mut out.group,
+                )
+                .await?;
+            }
+            store.save_changes(changes).await?;
+            out.events.append(&mut out.group.events);
+            out.delivered.append(&mut out.group.delivered);
             return Ok(out);
         }
         let original = if env.retry_of.is_empty() {
@@ -924,7 +957,13 @@ impl Client {
                     let Ok(id) = MessageId::from_slice(raw) else {
                         continue;
                     };
-                    if let Some(m) = self.inner.store.message(sender, &id).await?
+                    let one_to_one = self.inner.store.message(sender, &id).await?;
+                    if one_to_one.is_none() {
+                        self.apply_group_receipt(sender, &id, status, changes, &mut out.events)
+                            .await?;
+                        continue;
+                    }
+                    if let Some(m) = one_to_one
                         && m.from_me
                         && m.status < status
                         && m.status != MessageStatus::Failed
@@ -1024,6 +1063,23 @@ impl Client {
             Some(content::content::Body::ProfileKey(k)) => {
                 let current = self.profile_key_version(me, sender).await?;
                 self.profile_key_received(me, sender, device, &k, changes, current);
+            }
+            Some(content::content::Body::GroupKey(k)) => {
+                self.apply_group_key(me, sender, device, k, changes, &mut out.group)
+                    .await?;
+                out.events.append(&mut out.group.events);
+                out.delivered.append(&mut out.group.delivered);
+            }
+            Some(content::content::Body::GroupKeyRequest(r)) => {
+                if let Ok(group) = natter_proto::GroupId::from_slice(&r.group_id) {
+                    out.group.key_answers.push((
+                        group,
+                        sender.clone(),
+                        device,
+                        r.session_id,
+                        r.message_index,
+                    ));
+                }
             }
             None => tracing::debug!("content without a body"),
         }

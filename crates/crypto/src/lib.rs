@@ -1,6 +1,6 @@
 //! Natter's end-to-end cryptography: the account identity key ([`account`]), each device's Olm account
 //! and prekeys ([`device`]), Olm sessions ([`session`]), the signed device list ([`device_list`]),
-//! safety numbers ([`safety`]), media file encryption ([`media`]), sealing for companion linking ([`link`]) and encryption at rest for the
+//! Megolm group sessions ([`megolm`]), safety numbers ([`safety`]), media file encryption ([`media`]), sealing for companion linking ([`link`]) and encryption at rest for the
 //! client store ([`store_cipher`]), and app-state sync MACs, LTHash and value encryption ([`appstate`]).
 //!
 //! Olm and Ed25519 come from vodozemac; symmetric encryption from RustCrypto. Keys cross this crate's
@@ -13,6 +13,7 @@ pub mod device_list;
 pub mod error;
 pub mod link;
 pub mod media;
+pub mod megolm;
 pub mod profile;
 pub mod safety;
 pub mod session;

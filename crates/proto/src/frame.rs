@@ -144,6 +144,26 @@ pub fn check_limits(f: &Frame) -> Result<(), ProtoError> {
                 u.one_time_keys.len(),
                 MAX_ONE_TIME_KEYS_PER_UPLOAD,
             ),
+            Some(request::Body::SendGroupMessage(g)) => limit(
+                "group ciphertext bytes",
+                g.ciphertext.len(),
+                MAX_GROUP_CIPHERTEXT,
+            ),
+            Some(request::Body::ShareGroupKeys(k)) => {
+                limit(
+                    "key shares per request",
+                    k.shares.len(),
+                    MAX_KEY_SHARES_PER_REQUEST,
+                )?;
+                for m in &k.shares {
+                    limit(
+                        "ciphertext bytes",
+                        m.ciphertext.len(),
+                        MAX_ENVELOPE_CIPHERTEXT,
+                    )?;
+                }
+                Ok(())
+            }
             Some(request::Body::ClaimKeys(c)) => limit(
                 "devices per claim",
                 c.device_ids.len(),

@@ -41,8 +41,9 @@ pub const MAX_GROUP_DESCRIPTION: usize = 2048;
 /// Pairwise key shares in one [`crate::group::ShareGroupKeys`] request (about 0.5 KB each, so a batch
 /// stays well under [`MAX_FRAME_LEN`]); a sender with more devices to reach sends several batches.
 pub const MAX_KEY_SHARES_PER_REQUEST: usize = 512;
-/// Largest Megolm ciphertext of one group message: the same as one device's share of a 1:1 message.
-pub const MAX_GROUP_CIPHERTEXT: usize = MAX_ENVELOPE_CIPHERTEXT;
+/// Largest Megolm ciphertext of one group message: one device's share of a 1:1 message, less room for
+/// the group and session ids the server wraps it in.
+pub const MAX_GROUP_CIPHERTEXT: usize = MAX_ENVELOPE_CIPHERTEXT - 512;
 
 /// Largest ciphertext for one device in one message.
 pub const MAX_ENVELOPE_CIPHERTEXT: usize = 64 * 1024;

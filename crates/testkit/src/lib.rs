@@ -567,3 +567,64 @@ impl TestClient {
         }
     }
 }
+
+impl TestClient {
+    /// Registers `phone` as a device whose state lives in memory (the fast path for tests that need
+    /// hundreds of real devices): same registration, keys and protocol, no database file.
+    pub async fn register_ephemeral(server: &TestServer, phone: &str) -> TestClient {
+        let home = tempfile::tempdir().expect("temp home");
+        let client = Client::open_ephemeral(home.path())
+            .await
+            .expect("open home");
+        client.set_server(&server.addr()).await.expect("server");
+        let phone = PhoneNumber::parse(phone).expect("phone");
+        client.register(&phone).await.expect("register");
+        let code = last_code_in(&server.sms_log(), phone.as_str()).expect("code in sms log");
+        client.verify(&code).await.expect("verify");
+        TestClient {
+            client,
+            phone,
+            home,
+        }
+    }
+
+    /// Registers and connects many in-memory devices, `parallel` at a time, numbered
+    /// `{prefix}{i:04}` for `i` in `range`. The server must allow that many codes per IP.
+    pub async fn register_many(
+        server: &TestServer,
+        prefix: &str,
+        range: std::ops::Range<u32>,
+        parallel: usize,
+    ) -> Vec<TestClient> {
+        use std::sync::Arc;
+        let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
+        let mut tasks = Vec::new();
+        for i in range {
+            let number = format!("{prefix}{i:04}");
+            let sem = Arc::clone(&sem);
+            let addr = server.addr();
+            let sms = server.sms_log();
+            tasks.push(tokio::spawn(async move {
+                let _permit = sem.acquire().await.expect("semaphore");
+                let home = tempfile::tempdir().expect("temp home");
+                let client = Client::open_ephemeral(home.path()).await.expect("open");
+                client.set_server(&addr).await.expect("server");
+                let phone = PhoneNumber::parse(&number).expect("phone");
+                client.register(&phone).await.expect("register");
+                let code = last_code_in(&sms, phone.as_str()).expect("code");
+                client.verify(&code).await.expect("verify");
+                client.connect().await.expect("connect");
+                TestClient {
+                    client,
+                    phone,
+                    home,
+                }
+            }));
+        }
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(t.await.expect("registration task"));
+        }
+        out
+    }
+}

@@ -423,7 +423,11 @@ impl Conn {
             }
             return Ok(());
         }
-        if let (Some(request::Body::SendMessage(_)), Some(login)) = (&req.body, &self.login)
+        let is_send = matches!(
+            req.body,
+            Some(request::Body::SendMessage(_) | request::Body::SendGroupMessage(_))
+        );
+        if let (true, Some(login)) = (is_send, &self.login)
             && let Err(e) = self.state.limits.take_send(&login.phone)
         {
             self.pending
