@@ -1,6 +1,6 @@
 //! natterd on PostgreSQL (`--store postgres://...`), each test in a fresh schema: `natterd migrate` is
-//! idempotent and safe when run concurrently, and a real 1:1 exchange works end to end, including
-//! offline delivery across a SIGKILL of natterd (the queue is in PostgreSQL). Skipped with a clear line
+//! idempotent and safe when run concurrently, and real 1:1 (with a companion) and group exchanges work
+//! end to end, including offline delivery across a SIGKILL of natterd (the queue is in PostgreSQL). Skipped with a clear line
 //! when PostgreSQL is not reachable, unless NATTER_REQUIRE_CLUSTER=1 (CI), which makes them fail.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -11,10 +11,13 @@ use natter_client::MessageKind;
 use natter_server::store::Store;
 use natter_server::store::postgres::PgStore;
 use natter_server::store::postgres::testing::TestSchema;
-use natter_testkit::{NatterdProcess, TestClient, TestServer, natterd_binary, next_message};
+use natter_testkit::{
+    NatterdProcess, TestClient, TestServer, eventually, natterd_binary, next_message,
+};
 
 const ALICE: &str = "+15550008001";
 const BOB: &str = "+15550008002";
+const CAROL: &str = "+15550008003";
 const WAIT: Duration = Duration::from_secs(20);
 
 fn migrate(url: &str) -> std::process::Child {
@@ -132,24 +135,48 @@ async fn natterd_on_postgres_exchanges_messages_and_survives_sigkill() {
     drop(natterd);
 }
 
-/// The in-process test server takes a store URL too.
+/// The in-process test server takes a store URL too: 1:1 with a linked companion, and a group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn test_server_with_postgres_store() {
+async fn test_server_with_postgres_store_companion_and_group() {
     let Some(schema) = TestSchema::create().await.unwrap() else {
         return;
     };
     let server = TestServer::start_with_store(schema.url()).await;
     let alice = TestClient::online(&server, ALICE).await;
     let bob = TestClient::online(&server, BOB).await;
+    let carol = TestClient::online(&server, CAROL).await;
+    let bob2 = TestClient::link_companion(&server, &bob, "bob laptop").await;
     let mut bob_ev = bob.client.subscribe();
+    let mut bob2_ev = bob2.client.subscribe();
     alice
         .client
         .send_text(&bob.phone, "in-process")
         .await
         .unwrap();
-    let got = next_message(&mut bob_ev, WAIT, |m| {
-        m.kind == MessageKind::Text && !m.from_me
-    })
-    .await;
-    assert_eq!(got.text, "in-process");
+    for ev in [&mut bob_ev, &mut bob2_ev] {
+        let got = next_message(ev, WAIT, |m| m.kind == MessageKind::Text && !m.from_me).await;
+        assert_eq!(got.text, "in-process");
+    }
+
+    let g = alice
+        .client
+        .create_group("pg", &[bob.phone.clone(), carol.phone.clone()])
+        .await
+        .unwrap();
+    alice
+        .client
+        .send_group_text(&g.id, "group over postgres")
+        .await
+        .unwrap();
+    for c in [&bob, &bob2, &carol] {
+        eventually(WAIT, "group message", || async {
+            c.client
+                .group_history(&g.id)
+                .await
+                .unwrap_or_default()
+                .iter()
+                .any(|m| m.text == "group over postgres")
+        })
+        .await;
+    }
 }
