@@ -1,6 +1,7 @@
 //! natterd on PostgreSQL (`--store postgres://...`), each test in a fresh schema: `natterd migrate` is
 //! idempotent and safe when run concurrently, and real 1:1 (with a companion) and group exchanges work
-//! end to end, including offline delivery across a SIGKILL of natterd (the queue is in PostgreSQL). Skipped with a clear line
+//! end to end, including offline delivery across a SIGKILL of natterd (the queue is in PostgreSQL), and
+//! an unreachable database is a retryable error that natterd recovers from by itself. Skipped with a clear line
 //! when PostgreSQL is not reachable, unless NATTER_REQUIRE_CLUSTER=1 (CI), which makes them fail.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -8,11 +9,12 @@
 use std::time::Duration;
 
 use natter_client::MessageKind;
+use natter_proto::wire::ErrorCode;
 use natter_server::store::Store;
 use natter_server::store::postgres::PgStore;
 use natter_server::store::postgres::testing::TestSchema;
 use natter_testkit::{
-    NatterdProcess, TestClient, TestServer, eventually, natterd_binary, next_message,
+    NatterdProcess, TcpRelay, TestClient, TestServer, eventually, natterd_binary, next_message,
 };
 
 const ALICE: &str = "+15550008001";
@@ -179,4 +181,66 @@ async fn test_server_with_postgres_store_companion_and_group() {
         })
         .await;
     }
+}
+
+/// PostgreSQL unreachable (the connection to it cut by a relay): a send fails fast with the retryable
+/// `Unavailable` error and nothing is acknowledged; once the database is back, natterd recovers by itself
+/// and the message goes through, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_is_a_retryable_error_and_natterd_recovers() {
+    let Some(schema) = TestSchema::create().await.unwrap() else {
+        return;
+    };
+    let opts: sqlx::postgres::PgConnectOptions = schema.url().parse().unwrap();
+    let relay = TcpRelay::start(&format!("{}:{}", opts.get_host(), opts.get_port())).await;
+    let url = format!(
+        "{}&host=127.0.0.1&port={}&pool_size=4&acquire_timeout_ms=500",
+        schema.url(),
+        relay.port()
+    );
+    let server = TestServer::start_with_store(&url).await;
+    let alice = TestClient::online(&server, ALICE).await;
+    let bob = TestClient::online(&server, BOB).await;
+    let mut bob_ev = bob.client.subscribe();
+    alice.client.send_text(&bob.phone, "before").await.unwrap();
+    next_message(&mut bob_ev, WAIT, |m| m.text == "before").await;
+
+    relay.set_up(false);
+    let started = std::time::Instant::now();
+    let err = alice
+        .client
+        .send_text(&bob.phone, "during the outage")
+        .await
+        .expect_err("a send without a database is refused");
+    assert_eq!(err.server_code(), Some(ErrorCode::Unavailable), "{err:?}");
+    assert!(err.is_transient(), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "fails fast");
+
+    relay.set_up(true);
+    let mut sent = false;
+    for _ in 0..50 {
+        match alice.client.send_text(&bob.phone, "after").await {
+            Ok(_) => {
+                sent = true;
+                break;
+            }
+            Err(e) if e.is_transient() => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(sent, "natterd did not recover");
+    next_message(&mut bob_ev, WAIT, |m| m.text == "after").await;
+    let texts: Vec<String> = bob
+        .client
+        .history(&alice.phone)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    assert_eq!(
+        texts.iter().filter(|t| *t == "after").count(),
+        1,
+        "{texts:?}"
+    );
 }
