@@ -65,6 +65,13 @@ impl TestServer {
         }
     }
 
+    /// Starts a server whose durable state lives in `store` (for example a `postgres://` URL from
+    /// `natter_server::store::postgres::testing::TestSchema`) instead of its data directory.
+    pub async fn start_with_store(store: &str) -> TestServer {
+        let store = store.parse().expect("store URL");
+        Self::start_with(|c| c.store = store).await
+    }
+
     /// `host:port` to give clients.
     pub fn addr(&self) -> String {
         self.config.listen.to_string()
@@ -435,6 +442,13 @@ impl NatterdProcess {
         p
     }
 
+    /// Starts natterd with `--store STORE` (e.g. `postgres://...`) followed by `extra_args`.
+    pub fn start_with_store(store: &str, extra_args: &[&str]) -> NatterdProcess {
+        let mut args = vec!["--store", store];
+        args.extend_from_slice(extra_args);
+        Self::start(&args)
+    }
+
     /// `host:port` to give clients.
     pub fn addr(&self) -> String {
         self.addr.to_string()
@@ -624,5 +638,81 @@ impl TestClient {
             out.push(t.await.expect("registration task"));
         }
         out
+    }
+}
+
+/// A TCP relay on 127.0.0.1 in front of a real server (PostgreSQL in the cluster tests) that a test can
+/// cut — every relayed connection dropped, new ones closed at once — and restore, to see how natterd
+/// behaves while its database is unreachable and after it comes back.
+pub struct TcpRelay {
+    addr: SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for TcpRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpRelay")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl TcpRelay {
+    /// Relays a free loopback port to `target` (`host:port`).
+    pub async fn start(target: &str) -> TcpRelay {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let addr = listener.local_addr().expect("relay address");
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let (up2, cut2, target) = (up.clone(), cut.clone(), target.to_owned());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !up2.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection closed
+                }
+                let mut cut = cut2.subscribe();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        TcpRelay {
+            addr,
+            up,
+            cut,
+            accept,
+        }
+    }
+
+    /// The relay's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Cuts (`false`) or restores (`true`) the relay.
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            self.cut.send_modify(|g| *g += 1);
+        }
+    }
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.set_up(false);
     }
 }
