@@ -53,6 +53,79 @@ pub struct ServerConfig {
     /// Where media blobs go: `None` (default) for `data_dir/blobs`, or `s3://BUCKET[/PREFIX]` with
     /// optional `?endpoint=URL&region=R` (credentials from the usual `AWS_*` environment variables).
     pub blobs: Option<String>,
+    /// Where durable state lives. Default [`StoreUrl::DataDir`] (SQLite in `data_dir`).
+    pub store: StoreUrl,
+}
+
+/// Where natterd keeps its durable state, as given to `--store` / `NATTER_STORE`: `sqlite:PATH` (or
+/// `sqlite://PATH`), `postgres://...` (or `postgresql://...`), or nothing for the SQLite file in the data
+/// directory. `Display` and `Debug` never show a password.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// `natter.db` in the data directory: the single-node default.
+    #[default]
+    DataDir,
+    /// An SQLite file at this path.
+    Sqlite(PathBuf),
+    /// PostgreSQL, shared by the nodes of a cluster.
+    #[cfg(feature = "postgres")]
+    Postgres(crate::store::postgres::PgUrl),
+    /// PostgreSQL, which this build cannot open.
+    #[cfg(not(feature = "postgres"))]
+    Postgres(String),
+}
+
+/// A `--store` value that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid store {0}: expected sqlite:PATH or postgres://USER@HOST/DB")]
+pub struct StoreUrlError(String);
+
+impl std::str::FromStr for StoreUrl {
+    type Err = StoreUrlError;
+
+    fn from_str(s: &str) -> Result<Self, StoreUrlError> {
+        if let Some(path) = s
+            .strip_prefix("sqlite://")
+            .or_else(|| s.strip_prefix("sqlite:"))
+        {
+            if path.is_empty() {
+                return Err(StoreUrlError("sqlite: without a path".into()));
+            }
+            return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            #[cfg(feature = "postgres")]
+            return s
+                .parse()
+                .map(StoreUrl::Postgres)
+                .map_err(|e: crate::store::postgres::PgUrlError| StoreUrlError(e.to_string()));
+            #[cfg(not(feature = "postgres"))]
+            return Ok(StoreUrl::Postgres(s.to_owned()));
+        }
+        Err(StoreUrlError(format!(
+            "{:?}",
+            s.split(':').next().unwrap_or("")
+        )))
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreUrl::DataDir => f.write_str("the data directory"),
+            StoreUrl::Sqlite(path) => write!(f, "sqlite:{}", path.display()),
+            #[cfg(feature = "postgres")]
+            StoreUrl::Postgres(url) => write!(f, "{url}"),
+            #[cfg(not(feature = "postgres"))]
+            StoreUrl::Postgres(_) => f.write_str("postgres://(unsupported by this build)"),
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreUrl({self})")
+    }
 }
 
 /// Limits against abuse: per client IP, per account, per device and per connection. Each refusal reaches
@@ -148,6 +221,7 @@ impl ServerConfig {
             bus_catchup_interval: Duration::from_secs(60),
             key_dir: None,
             blobs: None,
+            store: StoreUrl::DataDir,
         }
     }
 }

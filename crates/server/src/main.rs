@@ -5,12 +5,20 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use natter_server::config::StoreUrl;
 use natter_server::{Server, ServerConfig};
 
 /// The Natter server.
 #[derive(Parser, Debug)]
 #[command(name = "natterd", version, about = "The Natter server")]
 struct Args {
+    /// Where durable state lives: sqlite:PATH, or postgres://USER@HOST/DB for a cluster (pool settings
+    /// as query parameters: pool_size, acquire_timeout_ms). Default: SQLite in the data directory.
+    #[arg(long, env = "NATTER_STORE", global = true)]
+    store: Option<StoreUrl>,
+    /// `migrate`, or nothing to serve.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Data directory (database, server key).
     #[arg(long, env = "NATTERD_DATA", default_value = "./natter-data")]
     data: PathBuf,
@@ -87,6 +95,14 @@ impl ClusterArgs {
     }
 }
 
+/// What natterd does instead of serving.
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Applies pending schema migrations to the store, prints its schema version and exits (a no-op
+    /// when it is up to date; safe while other nodes start).
+    Migrate,
+}
+
 /// Abuse limits (see natter_server::config::AbuseLimits); a rate of 0 disables that limit.
 #[derive(clap::Args, Debug)]
 struct AbuseArgs {
@@ -141,7 +157,16 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let store = args.store.clone().unwrap_or_default();
+    if let Some(Command::Migrate) = args.command {
+        let version = natter_server::store::migrate_store(&store, &args.data)
+            .await
+            .with_context(|| format!("migrating {store}"))?;
+        println!("schema version {version}");
+        return Ok(());
+    }
     let mut config = ServerConfig::new(&args.data);
+    config.store = store;
     config.listen = args.listen;
     config.sms_gateway = args.sms_gateway;
     config.max_connections = args.max_connections;

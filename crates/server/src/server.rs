@@ -15,7 +15,6 @@ use crate::config::ServerConfig;
 use crate::delivery::Router;
 use crate::registration::{Registration, gateway};
 use crate::store::Store;
-use crate::store::sqlite::SqliteStore;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -228,7 +227,7 @@ impl Server {
         })?;
         let noise_key = load_or_create_key(&key_dir)?;
         let bus = open_bus(&config).await?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("natter.db")).await?);
+        let store: Arc<dyn Store> = crate::store::open_store(&config.store, &dir).await?;
         let gateway = gateway::from_spec(&config.sms_gateway)?;
         let listener = TcpListener::bind(config.listen)
             .await

@@ -65,6 +65,13 @@ impl TestServer {
         }
     }
 
+    /// Starts a server whose durable state lives in `store` (for example a `postgres://` URL from
+    /// `natter_server::store::postgres::testing::TestSchema`) instead of its data directory.
+    pub async fn start_with_store(store: &str) -> TestServer {
+        let store = store.parse().expect("store URL");
+        Self::start_with(|c| c.store = store).await
+    }
+
     /// `host:port` to give clients.
     pub fn addr(&self) -> String {
         self.config.listen.to_string()
@@ -433,6 +440,13 @@ impl NatterdProcess {
         };
         p.spawn();
         p
+    }
+
+    /// Starts natterd with `--store STORE` (e.g. `postgres://...`) followed by `extra_args`.
+    pub fn start_with_store(store: &str, extra_args: &[&str]) -> NatterdProcess {
+        let mut args = vec!["--store", store];
+        args.extend_from_slice(extra_args);
+        Self::start(&args)
     }
 
     /// `host:port` to give clients.

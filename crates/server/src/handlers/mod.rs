@@ -73,14 +73,26 @@ pub fn error_response(id: u64, error: Error) -> Response {
     }
 }
 
-/// A store failure as the client sees it: retryable, without internals.
+/// A store failure as the client sees it: retryable, without internals. When the database is down
+/// (cluster mode, PostgreSQL restarting) the error says so and suggests when to retry.
 pub fn store_error(e: StoreError) -> Error {
     tracing::warn!(error = %e, "store failure");
+    if matches!(e, StoreError::Unavailable(_)) {
+        let mut err = Error::new(
+            ErrorCode::Unavailable,
+            "storage temporarily unavailable; retry shortly",
+        );
+        err.retry_after_ms = STORE_RETRY_AFTER_MS;
+        return err;
+    }
     Error::new(
         ErrorCode::Unavailable,
         "the server could not complete the request; retry",
     )
 }
+
+/// When a client should retry after the database was unreachable.
+pub const STORE_RETRY_AFTER_MS: u64 = 1_000;
 
 /// A malformed request.
 pub fn bad_request(what: impl std::fmt::Display) -> Error {

@@ -1,16 +1,24 @@
 //! Durable server state behind one trait, [`Store`], with its backends beside it: [`memory`] (reference
-//! implementation, tests) and [`sqlite`] (the embedded default: one file, WAL, group commit). A PostgreSQL
-//! backend for clusters implements the same trait; [`tests`] is the conformance suite every backend runs.
+//! implementation, tests), [`sqlite`] (the embedded default: one file, WAL, group commit) and `postgres`
+//! (clusters: several nodes on one database; cargo feature `postgres`, on by default). [`open_store`]
+//! opens the one a [`StoreUrl`] names; `tests` is the conformance suite every backend runs.
 //!
 //! The store holds only ciphertext, public keys and routing metadata: message plaintext never reaches it.
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
 pub(crate) mod tests;
 
+use std::path::Path;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use natter_proto::{DeviceId, MessageId, PhoneNumber};
+
+pub use crate::config::StoreUrl;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +47,57 @@ pub enum StoreError {
     /// The backend failed (I/O, disk full, connection lost). Retryable from the client's side.
     #[error("storage backend: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The database server cannot be reached or is restarting (connection refused or lost, no free
+    /// connection in time). Nothing was written; retry later: the store reconnects by itself.
+    #[error("storage unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The file name of the SQLite database in the data directory.
+pub const SQLITE_FILE: &str = "natter.db";
+
+/// The build has no PostgreSQL backend (cargo feature `postgres` off).
+#[cfg(not(feature = "postgres"))]
+#[derive(Debug, thiserror::Error)]
+#[error("this natterd was built without the postgres feature")]
+struct NoPostgres;
+
+/// Opens (creating and migrating as needed) the store `url` names; `data_dir` holds the SQLite file when
+/// `url` is [`StoreUrl::DataDir`].
+pub async fn open_store(url: &StoreUrl, data_dir: &Path) -> StoreResult<Arc<dyn Store>> {
+    Ok(match url {
+        StoreUrl::DataDir => {
+            Arc::new(sqlite::SqliteStore::open(&data_dir.join(SQLITE_FILE)).await?)
+        }
+        StoreUrl::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(path).await?),
+        #[cfg(feature = "postgres")]
+        StoreUrl::Postgres(url) => Arc::new(postgres::PgStore::open(url).await?),
+        #[cfg(not(feature = "postgres"))]
+        StoreUrl::Postgres(_) => return Err(StoreError::Backend(Box::new(NoPostgres))),
+    })
+}
+
+/// Applies the pending schema migrations of the store `url` names and returns its schema version
+/// (`natterd migrate`). Running it again is a no-op.
+pub async fn migrate_store(url: &StoreUrl, data_dir: &Path) -> StoreResult<i64> {
+    match url {
+        StoreUrl::DataDir => {
+            sqlite::SqliteStore::open(&data_dir.join(SQLITE_FILE))
+                .await?
+                .schema_version()
+                .await
+        }
+        StoreUrl::Sqlite(path) => {
+            sqlite::SqliteStore::open(path)
+                .await?
+                .schema_version()
+                .await
+        }
+        #[cfg(feature = "postgres")]
+        StoreUrl::Postgres(url) => postgres::migrate(url).await,
+        #[cfg(not(feature = "postgres"))]
+        StoreUrl::Postgres(_) => Err(StoreError::Backend(Box::new(NoPostgres))),
+    }
 }
 
 /// An app-state collection after a version, as [`Store::fetch_app_state`] returns it.

@@ -237,6 +237,15 @@ impl SqliteStore {
         })
     }
 
+    /// The schema version of the database (the highest migration applied).
+    pub async fn schema_version(&self) -> StoreResult<i64> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(v.unwrap_or(0))
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
