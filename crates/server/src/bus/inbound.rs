@@ -12,8 +12,8 @@ use natter_proto::{DeviceId, PhoneNumber};
 use prost::Message;
 use tokio::sync::watch;
 
+use super::Inbound;
 use super::messages::{self, Body, BusMessage};
-use super::{Bus, Inbound};
 use crate::delivery::ConnEvent;
 use crate::server::ServerState;
 
@@ -168,7 +168,8 @@ async fn message(state: &Arc<ServerState>, msg: BusMessage) -> bool {
                 .and_then(|s| s.companion)
                 .is_some_and(|c| c.send(ConnEvent::push(push)))
         }
-        Some(Body::Done(_)) | None => false,
+        // Routes and records are kept by the bus itself.
+        Some(Body::Done(_)) | Some(Body::Route(_)) | Some(Body::Record(_)) | None => false,
     }
 }
 
@@ -218,7 +219,7 @@ fn spawn_catch_up(state: &Arc<ServerState>) {
     });
 }
 
-/// Sends the accounts online here to one node, or to all.
+/// Sends the accounts online here and the devices connected here to one node, or to all.
 async fn send_snapshot(state: &Arc<ServerState>, to: Option<&str>) {
     let bus = state.router.bus();
     let online: Vec<String> = state
@@ -227,31 +228,38 @@ async fn send_snapshot(state: &Arc<ServerState>, to: Option<&str>) {
         .iter()
         .map(|p| p.as_str().to_owned())
         .collect();
-    let parts: Vec<Vec<String>> = if online.is_empty() {
-        vec![Vec::new()]
-    } else {
-        online
-            .chunks(SNAPSHOT_PART)
-            .map(<[String]>::to_vec)
+    let routes: Vec<String> = state
+        .router
+        .local_devices()
+        .iter()
+        .map(|(p, d, _)| super::route_key(p, *d))
+        .collect();
+    let parts = online
+        .len()
+        .div_ceil(SNAPSHOT_PART)
+        .max(routes.len().div_ceil(SNAPSHOT_PART))
+        .max(1);
+    let part = |v: &[String], i: usize| -> Vec<String> {
+        v.iter()
+            .skip(i * SNAPSHOT_PART)
+            .take(SNAPSHOT_PART)
+            .cloned()
             .collect()
     };
-    for (i, part) in parts.into_iter().enumerate() {
-        send_part(&**bus, to, i == 0, part).await;
-    }
-}
-
-async fn send_part(bus: &dyn Bus, to: Option<&str>, first: bool, phones: Vec<String>) {
-    let msg = BusMessage::new(Body::Snapshot(messages::Snapshot {
-        node: bus.node_id().to_owned(),
-        first,
-        phones,
-    }));
-    let r = match to {
-        Some(node) => bus.send(node, &msg).await,
-        None => bus.broadcast(&msg).await,
-    };
-    if let Err(e) = r {
-        tracing::debug!(error = %e, "presence snapshot not sent");
+    for i in 0..parts {
+        let msg = BusMessage::new(Body::Snapshot(messages::Snapshot {
+            node: bus.node_id().to_owned(),
+            first: i == 0,
+            phones: part(&online, i),
+            routes: part(&routes, i),
+        }));
+        let r = match to {
+            Some(node) => bus.send(node, &msg).await,
+            None => bus.broadcast(&msg).await,
+        };
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "snapshot not sent");
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //!
 //! - [`local`]: one node, nothing to tell anyone (the embedded default).
 //! - [`nats`]: several nodes over NATS: one subject per node (`natter.node.<id>`), one for everybody
-//!   (`natter.all`), routing records in JetStream key-value buckets.
+//!   (`natter.all`), the routing table kept in memory on every node from what the nodes announce.
 //!
 //! Nothing on the bus is durable state: envelopes are in the store before a wake-up is sent, so a lost
 //! message only delays delivery until the device's node catches up ([`inbound`]). Presence and typing
@@ -25,8 +25,6 @@ pub use nats::NatsBus;
 
 /// How long a request to another node waits for its answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a routing-record operation may take before the caller goes on without it.
-pub const RECORD_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a bus operation failed. All of these are transient from the cluster's point of view.
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +138,7 @@ pub mod messages {
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct BusMessage {
         /// What it says.
-        #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
+        #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13")]
         pub body: Option<Body>,
     }
 
@@ -180,6 +178,46 @@ pub mod messages {
         /// The answer to a request: whether it was done.
         #[prost(message, tag = "11")]
         Done(Done),
+        /// A node took or dropped a device's connection (routing record).
+        #[prost(message, tag = "12")]
+        Route(RouteChange),
+        /// A shared record was written or deleted.
+        #[prost(message, tag = "13")]
+        Record(RecordChange),
+    }
+
+    /// A routing record changed.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RouteChange {
+        /// The node.
+        #[prost(string, tag = "1")]
+        pub node: String,
+        /// The device's route key (`<digits>.<device>`).
+        #[prost(string, tag = "2")]
+        pub key: String,
+        /// Whether the node holds the connection now (false: it dropped it).
+        #[prost(bool, tag = "3")]
+        pub held: bool,
+    }
+
+    /// A shared record changed.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RecordChange {
+        /// The node that changed it.
+        #[prost(string, tag = "1")]
+        pub node: String,
+        /// Which bucket (1: link sessions).
+        #[prost(uint32, tag = "2")]
+        pub bucket: u32,
+        /// The key.
+        #[prost(string, tag = "3")]
+        pub key: String,
+        /// The new value (empty when deleted).
+        #[prost(bytes = "vec", tag = "4")]
+        pub value: Vec<u8>,
+        /// Deleted.
+        #[prost(bool, tag = "5")]
+        pub deleted: bool,
     }
 
     /// A device has mail.
@@ -269,6 +307,9 @@ pub mod messages {
         /// Accounts (E.164).
         #[prost(string, repeated, tag = "3")]
         pub phones: Vec<String>,
+        /// Route keys of the devices connected there.
+        #[prost(string, repeated, tag = "4")]
+        pub routes: Vec<String>,
     }
 
     /// A push for a link session's companion.

@@ -4,36 +4,37 @@
 //! - `natter.all`: messages for every node (presence changes, heartbeats, cache invalidations).
 //!
 //! A node subscribes to exactly these two, so the subscription count stays constant however many
-//! devices connect. Which node holds a device's connection is a JetStream key-value record
-//! (`natter_routes`, key `<digits>.<device>`, value the node id), written at login before the device's
-//! queue is read, so a sender that stored an envelope after that read always finds the new node.
-//! Link sessions (short-lived) are records in `natter_links`.
+//! devices connect. Which node holds a device's connection is a routing table every node keeps in
+//! memory: a node announces each device it takes or drops on `natter.all` (and its whole share in its
+//! snapshot when it joins or reconnects), so a lookup costs no round trip. Link sessions (short-lived
+//! records) travel the same way. Core NATS only: no JetStream is needed.
 //!
-//! The client reconnects by itself; every reconnection is reported as [`Inbound::Reconnected`], upon
-//! which the node rewrites its routes and re-reads its devices' queues (see [`super::inbound`]).
+//! A routing change takes a moment to reach the other nodes; a sender that looked up the old route in
+//! that moment wakes the wrong node (or none), so the device's node reads the queue once more shortly
+//! after a login ([`crate::delivery::Router::claim`]). The client reconnects by itself; every
+//! reconnection is reported as [`Inbound::Reconnected`], upon which the node re-announces its routes
+//! and re-reads its devices' queues (see [`super::inbound`]).
 
-use std::sync::Mutex;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, kv};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use natter_proto::{DeviceId, PhoneNumber};
 use prost::Message;
-use tokio::sync::{RwLock, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
-use super::messages::BusMessage;
-use super::{
-    Bucket, Bus, BusError, BusResult, Inbound, RECORD_TIMEOUT, REQUEST_TIMEOUT, route_key,
-};
+use super::messages::{self, Body, BusMessage};
+use super::{Bucket, Bus, BusError, BusResult, Inbound, REQUEST_TIMEOUT, route_key};
 
 /// Subject every node listens on.
 pub const BROADCAST_SUBJECT: &str = "natter.all";
-/// Key-value bucket of device routes.
-pub const ROUTES_BUCKET: &str = "natter_routes";
-/// Key-value bucket of link sessions.
-pub const LINKS_BUCKET: &str = "natter_links";
+/// How long a shared record lives (link sessions live a minute).
+const RECORD_TTL: Duration = Duration::from_secs(600);
+/// Shared records kept at most (a flood cannot grow the map further).
+const MAX_RECORDS: usize = 200_000;
 /// Largest bus message accepted from NATS.
 const MAX_MESSAGE: usize = 1024 * 1024;
 /// Inbound messages buffered for the node's handler before it counts as lagging.
@@ -48,15 +49,64 @@ pub fn node_subject(node: &str) -> String {
 pub struct NatsBus {
     node_id: String,
     client: async_nats::Client,
-    js: jetstream::Context,
-    buckets: RwLock<Option<Buckets>>,
+    shared: Arc<Mutex<Shared>>,
     inbound: Mutex<Option<mpsc::Receiver<Inbound>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-struct Buckets {
-    routes: kv::Store,
-    links: kv::Store,
+/// What every node knows: the routing table and the shared records.
+#[derive(Default)]
+struct Shared {
+    /// Route key → node.
+    routes: HashMap<String, String>,
+    /// (bucket, key) → value, and when it was written.
+    records: HashMap<(u32, String), (Vec<u8>, Instant)>,
+}
+
+impl Shared {
+    /// Applies a change announced by another node; true if the message is consumed here.
+    fn apply(&mut self, msg: &BusMessage) -> bool {
+        match &msg.body {
+            Some(Body::Route(r)) => {
+                if r.held {
+                    self.routes.insert(r.key.clone(), r.node.clone());
+                } else if self.routes.get(&r.key) == Some(&r.node) {
+                    self.routes.remove(&r.key);
+                }
+                true
+            }
+            Some(Body::Record(r)) => {
+                let key = (r.bucket, r.key.clone());
+                if r.deleted {
+                    self.records.remove(&key);
+                } else {
+                    if self.records.len() >= MAX_RECORDS {
+                        self.records.retain(|_, (_, at)| at.elapsed() < RECORD_TTL);
+                    }
+                    if self.records.len() < MAX_RECORDS {
+                        self.records.insert(key, (r.value.clone(), Instant::now()));
+                    }
+                }
+                true
+            }
+            Some(Body::Snapshot(s)) => {
+                if s.first {
+                    self.routes.retain(|_, n| *n != s.node);
+                }
+                for key in &s.routes {
+                    self.routes.insert(key.clone(), s.node.clone());
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+}
+
+fn bucket_id(b: Bucket) -> u32 {
+    match b {
+        Bucket::Links => 1,
+    }
 }
 
 impl std::fmt::Debug for NatsBus {
@@ -79,38 +129,10 @@ fn unavailable(e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(e.to_string())
 }
 
-async fn timed<T, E: std::fmt::Display>(
-    f: impl std::future::Future<Output = Result<T, E>>,
-) -> BusResult<T> {
-    match tokio::time::timeout(RECORD_TIMEOUT, f).await {
-        Ok(r) => r.map_err(unavailable),
-        Err(_) => Err(BusError::Unavailable("timed out".into())),
-    }
-}
-
-async fn ensure_bucket(
-    js: &jetstream::Context,
-    name: &str,
-    max_age: Duration,
-) -> BusResult<kv::Store> {
-    if let Ok(store) = js.get_key_value(name).await {
-        return Ok(store);
-    }
-    js.create_key_value(kv::Config {
-        bucket: name.to_owned(),
-        history: 1,
-        max_age,
-        storage: jetstream::stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(unavailable)
-}
-
 impl NatsBus {
-    /// Connects to the NATS server at `url` (`nats://host:port`) as node `node_id`, subscribes to the
-    /// node's subjects and opens (creating them if needed) the key-value buckets. Fails if the server
-    /// cannot be reached now; once connected, the client reconnects by itself.
+    /// Connects to the NATS server at `url` (`nats://host:port`) as node `node_id` and subscribes to
+    /// the node's subjects. Fails if the server cannot be reached now; once connected, the client
+    /// reconnects by itself.
     pub async fn connect(url: &str, node_id: &str) -> BusResult<NatsBus> {
         if !super::valid_node_id(node_id) {
             return Err(BusError::Invalid("node id (1 to 64 of A-Z a-z 0-9 - _)"));
@@ -142,11 +164,7 @@ impl NatsBus {
             .connect(url)
             .await
             .map_err(unavailable)?;
-        let js = jetstream::new(client.clone());
-        let buckets = Buckets {
-            routes: ensure_bucket(&js, ROUTES_BUCKET, Duration::ZERO).await?,
-            links: ensure_bucket(&js, LINKS_BUCKET, Duration::from_secs(600)).await?,
-        };
+        let shared: Arc<Mutex<Shared>> = Arc::default();
         let mut tasks = Vec::new();
         for subject in [node_subject(node_id), BROADCAST_SUBJECT.to_owned()] {
             let sub = client.subscribe(subject).await.map_err(unavailable)?;
@@ -155,35 +173,22 @@ impl NatsBus {
                 client.clone(),
                 tx.clone(),
                 node_id.to_owned(),
+                shared.clone(),
             )));
         }
+        // The first connection happened before the event callback could report it.
+        let _ = tx.try_send(Inbound::Reconnected);
         Ok(NatsBus {
             node_id: node_id.to_owned(),
             client,
-            js,
-            buckets: RwLock::new(Some(buckets)),
+            shared,
             inbound: Mutex::new(Some(rx)),
             tasks,
         })
     }
 
-    /// Opens the buckets again (after the NATS server restarted without its JetStream data).
-    pub async fn reopen_buckets(&self) -> BusResult<()> {
-        let routes = ensure_bucket(&self.js, ROUTES_BUCKET, Duration::ZERO).await?;
-        let links = ensure_bucket(&self.js, LINKS_BUCKET, Duration::from_secs(600)).await?;
-        *self.buckets.write().await = Some(Buckets { routes, links });
-        Ok(())
-    }
-
-    async fn bucket(&self, which: Option<Bucket>) -> BusResult<kv::Store> {
-        let guard = self.buckets.read().await;
-        let b = guard
-            .as_ref()
-            .ok_or_else(|| BusError::Unavailable("no key-value buckets".into()))?;
-        Ok(match which {
-            None => b.routes.clone(),
-            Some(Bucket::Links) => b.links.clone(),
-        })
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn publish(&self, subject: String, msg: &BusMessage) -> BusResult<()> {
@@ -201,6 +206,7 @@ async fn forward(
     client: async_nats::Client,
     tx: mpsc::Sender<Inbound>,
     node_id: String,
+    shared: Arc<Mutex<Shared>>,
 ) {
     while let Some(m) = sub.next().await {
         if m.payload.len() > MAX_MESSAGE {
@@ -211,6 +217,9 @@ async fn forward(
             continue;
         };
         if is_own_broadcast(&msg, &node_id) {
+            continue;
+        }
+        if shared.lock().unwrap_or_else(|p| p.into_inner()).apply(&msg) {
             continue;
         }
         let reply = m.reply.map(|subject| {
@@ -233,11 +242,12 @@ async fn forward(
 }
 
 fn is_own_broadcast(msg: &BusMessage, node_id: &str) -> bool {
-    use super::messages::Body;
     match &msg.body {
         Some(Body::Presence(p)) => p.node == node_id,
         Some(Body::Heartbeat(h)) | Some(Body::SyncRequest(h)) => h.node == node_id,
         Some(Body::Snapshot(s)) => s.node == node_id,
+        Some(Body::Route(r)) => r.node == node_id,
+        Some(Body::Record(r)) => r.node == node_id,
         _ => false,
     }
 }
@@ -276,61 +286,84 @@ impl Bus for NatsBus {
         phone: &PhoneNumber,
         device: DeviceId,
     ) -> BusResult<(u64, Option<String>)> {
-        let store = self.bucket(None).await?;
         let key = route_key(phone, device);
-        let before = timed(store.get(key.clone()))
-            .await?
-            .and_then(|v| String::from_utf8(v.to_vec()).ok())
+        let before = self
+            .lock()
+            .routes
+            .insert(key.clone(), self.node_id.clone())
             .filter(|n| *n != self.node_id);
-        let revision = timed(store.put(key, Bytes::from(self.node_id.clone()))).await?;
-        Ok((revision, before))
+        let msg = BusMessage::new(Body::Route(messages::RouteChange {
+            node: self.node_id.clone(),
+            key,
+            held: true,
+        }));
+        self.broadcast(&msg).await?;
+        Ok((1, before))
     }
 
     async fn route(&self, phone: &PhoneNumber, device: DeviceId) -> BusResult<Option<String>> {
-        let store = self.bucket(None).await?;
-        Ok(timed(store.get(route_key(phone, device)))
-            .await?
-            .and_then(|v| String::from_utf8(v.to_vec()).ok()))
+        Ok(self.lock().routes.get(&route_key(phone, device)).cloned())
     }
 
     async fn release_route(
         &self,
         phone: &PhoneNumber,
         device: DeviceId,
-        revision: u64,
+        _revision: u64,
     ) -> BusResult<()> {
-        let store = self.bucket(None).await?;
-        match tokio::time::timeout(
-            RECORD_TIMEOUT,
-            store.delete_expect_revision(route_key(phone, device), Some(revision)),
-        )
-        .await
+        let key = route_key(phone, device);
         {
-            Ok(Ok(())) => Ok(()),
-            // Another node (or a newer connection here) wrote the record since: it stays.
-            Ok(Err(e)) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => Ok(()),
-            Ok(Err(e)) => Err(unavailable(e)),
-            Err(_) => Err(BusError::Unavailable("timed out".into())),
+            let mut shared = self.lock();
+            if shared.routes.get(&key) != Some(&self.node_id) {
+                return Ok(());
+            }
+            shared.routes.remove(&key);
         }
+        // The other nodes drop the record only if it still names this node.
+        let msg = BusMessage::new(Body::Route(messages::RouteChange {
+            node: self.node_id.clone(),
+            key,
+            held: false,
+        }));
+        self.broadcast(&msg).await
     }
 
     async fn put_record(&self, bucket: Bucket, key: &str, value: Vec<u8>) -> BusResult<()> {
-        let store = self.bucket(Some(bucket)).await?;
-        timed(store.put(key, Bytes::from(value))).await.map(|_| ())
+        self.lock().records.insert(
+            (bucket_id(bucket), key.to_owned()),
+            (value.clone(), Instant::now()),
+        );
+        let msg = BusMessage::new(Body::Record(messages::RecordChange {
+            node: self.node_id.clone(),
+            bucket: bucket_id(bucket),
+            key: key.to_owned(),
+            value,
+            deleted: false,
+        }));
+        self.broadcast(&msg).await
     }
 
     async fn get_record(&self, bucket: Bucket, key: &str) -> BusResult<Option<Vec<u8>>> {
-        let store = self.bucket(Some(bucket)).await?;
-        Ok(timed(store.get(key)).await?.map(|b| b.to_vec()))
+        Ok(self
+            .lock()
+            .records
+            .get(&(bucket_id(bucket), key.to_owned()))
+            .filter(|(_, at)| at.elapsed() < RECORD_TTL)
+            .map(|(v, _)| v.clone()))
     }
 
     async fn delete_record(&self, bucket: Bucket, key: &str) -> BusResult<()> {
-        let store = self.bucket(Some(bucket)).await?;
-        timed(store.delete(key)).await
-    }
-
-    async fn reconnected(&self) -> BusResult<()> {
-        self.reopen_buckets().await
+        self.lock()
+            .records
+            .remove(&(bucket_id(bucket), key.to_owned()));
+        let msg = BusMessage::new(Body::Record(messages::RecordChange {
+            node: self.node_id.clone(),
+            bucket: bucket_id(bucket),
+            key: key.to_owned(),
+            value: Vec::new(),
+            deleted: true,
+        }));
+        self.broadcast(&msg).await
     }
 
     fn take_inbound(&self) -> Option<mpsc::Receiver<Inbound>> {

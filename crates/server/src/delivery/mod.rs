@@ -117,6 +117,8 @@ impl ConnShared {
 }
 
 type Key = (PhoneNumber, DeviceId);
+/// How long after a login its route has surely reached every node.
+const CLAIM_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
 const SHARDS: usize = 64;
 
 /// Which connection serves each online device. Sharded so that delivery takes no global lock.
@@ -283,10 +285,19 @@ impl Router {
     /// an older connection of the device on another node. Must complete before the device's queue is
     /// read: a sender that stored an envelope after that read then finds this node. Failures are logged
     /// and left to the catch-up after the bus comes back.
-    pub async fn claim(&self, phone: &PhoneNumber, device: DeviceId, conn: &ConnShared) {
+    pub async fn claim(&self, phone: &PhoneNumber, device: DeviceId, conn: &Arc<ConnShared>) {
         if !self.bus.clustered() {
             return;
         }
+        // A sender that looked the device up just before the other nodes heard of this claim woke the
+        // old node: read the queue once more when the claim has surely arrived everywhere.
+        let later = Arc::downgrade(conn);
+        tokio::spawn(async move {
+            tokio::time::sleep(CLAIM_SETTLE).await;
+            if let Some(conn) = later.upgrade() {
+                conn.wake(1);
+            }
+        });
         match self.bus.claim_route(phone, device).await {
             Ok((revision, previous)) => {
                 conn.route_revision.store(revision, Ordering::Release);
@@ -306,7 +317,8 @@ impl Router {
     /// Drops the routing record `conn` wrote, unless a newer connection replaced it (background).
     pub fn release(&self, phone: &PhoneNumber, device: DeviceId, conn: &ConnShared) {
         let revision = conn.route_revision.load(Ordering::Acquire);
-        if !self.bus.clustered() || revision == 0 {
+        // A newer connection of the device here keeps the record.
+        if !self.bus.clustered() || revision == 0 || self.get(phone, device).is_some() {
             return;
         }
         let (bus, phone) = (self.bus.clone(), phone.clone());

@@ -437,8 +437,8 @@ mod s3 {
         }
     }
 
-    /// Opens `s3://BUCKET[/PREFIX][?endpoint=URL&region=R]`; credentials come from the `AWS_*`
-    /// environment variables.
+    /// Opens `s3://BUCKET[/PREFIX][?endpoint=URL&region=R&skip_signature=true]`; credentials come from
+    /// the `AWS_*` environment variables.
     #[cfg(feature = "s3")]
     pub fn open(url: &str) -> Result<Arc<dyn ObjectStore>, MediaError> {
         use object_store::aws::AmazonS3Builder;
@@ -464,6 +464,8 @@ mod s3 {
                     b = b.with_endpoint(v).with_allow_http(v.starts_with("http://"));
                 }
                 Some(("region", v)) => region = v.to_owned(),
+                // Unsigned requests (a public bucket, or a local S3 stand-in in tests).
+                Some(("skip_signature", "true")) => b = b.with_skip_signature(true),
                 _ => return Err(bad(format!("{url}: unknown parameter {kv:?}"))),
             }
         }
