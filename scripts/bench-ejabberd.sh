@@ -28,11 +28,11 @@ TARGET=${CARGO_TARGET_DIR:-target}
 BIN="$TARGET/release"
 P99_LIMIT=50
 
-if ! command -v ejabberdctl >/dev/null; then
-    echo "== installing ejabberd" >&2
+if ! command -v ejabberdctl >/dev/null || [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+    echo "== installing ejabberd and the plot's font" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq ejabberd
+    apt-get install -y -qq ejabberd fonts-dejavu-core
 fi
 echo "== building natterd and natter-bench (release)" >&2
 cargo build -q --release -p natter-server -p natter-bench
@@ -186,3 +186,5 @@ done
     done
 } >"$OUT/table.md"
 cat "$OUT/table.md"
+"$BIN/natter-bench" plot --runs "$OUT/runs.txt" --out "$OUT/latency.png"
+echo "== plot: $OUT/latency.png" >&2

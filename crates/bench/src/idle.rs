@@ -72,7 +72,7 @@ pub struct IdleOptions {
 
 /// Holds one connection idle until told to stop; then checks it is still alive with a ping. Returns
 /// whether it was, and how many keep-alive pings it sent meanwhile.
-async fn hold(link: Link, stop: watch::Receiver<bool>) -> (bool, u64) {
+pub(crate) async fn hold(link: Link, stop: watch::Receiver<bool>) -> (bool, u64) {
     let mut pings = 0;
     let alive = hold_inner(link, stop, &mut pings).await;
     (alive, pings)

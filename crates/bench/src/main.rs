@@ -15,9 +15,13 @@
 
 mod adapter;
 mod idle;
+mod mixed;
+mod offline;
 mod pairs;
+mod plot;
 mod report;
 mod stats;
+mod storm;
 mod xmpp;
 
 use std::path::PathBuf;
@@ -153,6 +157,70 @@ enum Scenario {
         #[arg(long, default_value_t = 35)]
         hold: u64,
     },
+    /// Many connections held idle while a share of them runs `pairs` at an offered rate.
+    Mixed {
+        /// Connections in all, idle and active.
+        #[arg(long, default_value_t = 18_000)]
+        connections: usize,
+        /// Share of the connections that is active (half send, half receive).
+        #[arg(long, default_value_t = 0.1)]
+        active_share: f64,
+        /// Messages each active sender sends.
+        #[arg(long, default_value_t = 100)]
+        messages: u32,
+        /// Offered load over all active pairs, messages per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Replay pre-encrypted ciphertexts (loads the server alone).
+        #[arg(long)]
+        pre_encrypted: bool,
+        /// Idle devices registered earlier with `register --save FILE`.
+        #[arg(long)]
+        accounts_file: Option<PathBuf>,
+        /// Idle connections opened at once.
+        #[arg(long, default_value_t = 64)]
+        connect_concurrency: usize,
+    },
+    /// Receivers offline while 10–100 messages each queue for them, then all connect and drain.
+    Offline {
+        /// Offline receivers (as many senders queue for them).
+        #[arg(long, default_value_t = 1_000)]
+        receivers: usize,
+        /// Fewest messages queued for one receiver.
+        #[arg(long, default_value_t = 10)]
+        min_queued: u32,
+        /// Most messages queued for one receiver.
+        #[arg(long, default_value_t = 100)]
+        max_queued: u32,
+        /// Bytes of text per message.
+        #[arg(long, default_value_t = 170)]
+        text_bytes: usize,
+    },
+    /// Every connection reconnects at once: handshakes + logins per second and their server CPU.
+    Storm {
+        /// Devices that drop and reconnect together (this machine caps a process at 20,000 files).
+        #[arg(long, default_value_t = 5_000)]
+        connections: usize,
+        /// Reconnection attempts in flight at once (0: all).
+        #[arg(long, default_value_t = 0)]
+        concurrency: usize,
+        /// Devices registered earlier with `register --save FILE`.
+        #[arg(long)]
+        accounts_file: Option<PathBuf>,
+    },
+    /// Draws latency against offered load from a side-by-side run's runs.txt
+    /// (scripts/bench-ejabberd.sh) as a PNG. Loads no server.
+    Plot {
+        /// The runs: lines `<server> <pairs summary line>`.
+        #[arg(long)]
+        runs: PathBuf,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// TrueType font for the labels.
+        #[arg(long, default_value = plot::DEFAULT_FONT)]
+        font: PathBuf,
+    },
 }
 
 async fn check_loopback(server: &str) -> Result<()> {
@@ -169,6 +237,13 @@ async fn check_loopback(server: &str) -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Scenario::Plot { runs, out, font } = &cli.scenario {
+        let text =
+            std::fs::read_to_string(runs).with_context(|| format!("reading {}", runs.display()))?;
+        plot::draw(&plot::parse_runs(&text)?, out, font)?;
+        println!("scenario=plot out={}", out.display());
+        return Ok(());
+    }
     let c = &cli.common;
     check_loopback(&c.server).await?;
     let server = c.server_pid.map(Proc::new).transpose()?;
@@ -284,6 +359,92 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await?
         }
+        Scenario::Storm {
+            connections,
+            concurrency,
+            accounts_file,
+        } => {
+            storm::run(
+                &c.server,
+                sms,
+                storm::StormOptions {
+                    connections,
+                    accounts: accounts_file
+                        .as_deref()
+                        .map(adapter::Credentials::load_all)
+                        .transpose()?,
+                    concurrency,
+                    register_concurrency: c.register_concurrency,
+                    one_time_keys: c.one_time_keys,
+                    timeout,
+                    server,
+                },
+            )
+            .await?
+        }
+        Scenario::Mixed {
+            connections,
+            active_share,
+            messages,
+            rate,
+            pre_encrypted,
+            accounts_file,
+            connect_concurrency,
+        } => {
+            if !(rate.is_finite() && rate > 0.0) {
+                bail!("--rate must be a positive number of messages per second");
+            }
+            mixed::run(
+                &c.server,
+                sms,
+                mixed::MixedOptions {
+                    connections,
+                    active_share,
+                    pairs: pairs::PairsOptions {
+                        pairs: 0,
+                        messages,
+                        rate: Some(rate),
+                        window: natter_proto::limits::MAX_INFLIGHT_REQUESTS.min(32),
+                        pre_encrypted,
+                        pool: 64,
+                        text_bytes: 170,
+                        concurrency: c.register_concurrency,
+                        one_time_keys: c.one_time_keys,
+                        timeout,
+                        server,
+                    },
+                    accounts: accounts_file
+                        .as_deref()
+                        .map(adapter::Credentials::load_all)
+                        .transpose()?,
+                    connect_concurrency,
+                },
+            )
+            .await?
+        }
+        Scenario::Offline {
+            receivers,
+            min_queued,
+            max_queued,
+            text_bytes,
+        } => {
+            offline::run(
+                &c.server,
+                sms,
+                offline::OfflineOptions {
+                    receivers,
+                    min_queued,
+                    max_queued,
+                    text_bytes,
+                    concurrency: c.register_concurrency,
+                    one_time_keys: c.one_time_keys,
+                    timeout,
+                    server,
+                },
+            )
+            .await?
+        }
+        Scenario::Plot { .. } => bail!("plot loads no server"),
     };
     // Other processes on the same cores skew every figure: record how busy the machine was.
     if let (Some(a), Some(b)) = (load_before, stats::loadavg_1m()) {

@@ -55,7 +55,7 @@ pub struct PairsOptions {
 }
 
 /// Nanoseconds since `epoch`, pair and sequence number, packed into a 16-byte message id.
-fn message_id(epoch: Instant, at: Instant, pair: u32, seq: u32) -> [u8; 16] {
+pub(crate) fn message_id(epoch: Instant, at: Instant, pair: u32, seq: u32) -> [u8; 16] {
     let ns = at.saturating_duration_since(epoch).as_nanos() as u64;
     let mut id = [0u8; 16];
     id[..8].copy_from_slice(&ns.to_be_bytes());
@@ -64,7 +64,7 @@ fn message_id(epoch: Instant, at: Instant, pair: u32, seq: u32) -> [u8; 16] {
     id
 }
 
-fn parse_message_id(id: &[u8]) -> Option<(u64, u32, u32)> {
+pub(crate) fn parse_message_id(id: &[u8]) -> Option<(u64, u32, u32)> {
     let id: &[u8; 16] = id.try_into().ok()?;
     let ns = u64::from_be_bytes(id[..8].try_into().ok()?);
     let pair = u32::from_be_bytes(id[8..12].try_into().ok()?);
@@ -72,13 +72,13 @@ fn parse_message_id(id: &[u8]) -> Option<(u64, u32, u32)> {
     Some((ns, pair, seq))
 }
 
-fn text_of(len: usize) -> String {
+pub(crate) fn text_of(len: usize) -> String {
     const WORDS: &str =
         "the quick brown fox jumps over the lazy dog and natter carries it end to end ";
     WORDS.chars().cycle().take(len).collect()
 }
 
-fn content_bytes(id: &[u8; 16], text: &str) -> Vec<u8> {
+pub(crate) fn content_bytes(id: &[u8; 16], text: &str) -> Vec<u8> {
     Content {
         message_id: id.to_vec(),
         sent_at_ms: adapter::now_ms(),
@@ -360,7 +360,7 @@ async fn wait_queue_empty(link: &mut Link) -> Result<()> {
 
 /// A's side of session setup with B: fetch and verify B's signed device list, claim B's prekey, open an
 /// outbound Olm session.
-async fn open_session(link: &mut Link, a: &Device, b: &Device) -> Result<OlmSession> {
+pub(crate) async fn open_session(link: &mut Link, a: &Device, b: &Device) -> Result<OlmSession> {
     let devices = match link
         .request(request::Body::GetDevices(GetDevices {
             phone: b.phone.as_str().to_owned(),

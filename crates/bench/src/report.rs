@@ -40,6 +40,12 @@ impl Summary {
         self.fields.push((key.to_owned(), Value::Number(n)));
     }
 
+    /// Appends `other`'s fields except its scenario name.
+    pub fn append(&mut self, other: Summary) {
+        self.fields
+            .extend(other.fields.into_iter().filter(|(k, _)| k != "scenario"));
+    }
+
     /// `natter-bench key=value key=value …`; text with spaces is quoted.
     pub fn line(&self) -> String {
         let mut out = String::from("natter-bench");

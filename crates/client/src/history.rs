@@ -394,21 +394,13 @@ impl Client {
 
     /// A history message as stored (a media key sealed again); any malformed field refuses the chunk.
     fn record_from_history(&self, m: HistoryMessage) -> Result<MessageRecord> {
-        let chat = PhoneNumber::from_e164(&m.chat).map_err(|e| refused(format!("chat: {e}")))?;
-        let id = MessageId::from_slice(&m.id).map_err(|e| refused(format!("id: {e}")))?;
-        let sender_device =
-            DeviceId::new(m.sender_device).map_err(|e| refused(format!("device: {e}")))?;
+        let (chat, id, sender_device) = m.parse_ids().map_err(|e| refused(e.to_string()))?;
         let kind = kind_from(&m.kind).ok_or_else(|| refused(format!("kind {:?}", m.kind)))?;
         let status =
             status_from(&m.status).ok_or_else(|| refused(format!("status {:?}", m.status)))?;
+        // `parse_ids` checked that exactly a media message carries a valid pointer.
         let media = match (kind, m.media) {
-            (MessageKind::Media, Some(media)) => {
-                media
-                    .validate()
-                    .map_err(|e| refused(format!("media: {e}")))?;
-                Some(self.seal_media(media))
-            }
-            (MessageKind::Media, None) => return Err(refused("a media message without media")),
+            (MessageKind::Media, Some(media)) => Some(self.seal_media(media)),
             (_, _) => None,
         };
         Ok(MessageRecord {

@@ -144,11 +144,9 @@ impl Client {
         let opened = natter_crypto::link::open(&secret, &reference, &offer.sealed)?;
         let payload = OfferPayload::decode(opened.as_slice())
             .map_err(|e| ClientError::InvalidInput(format!("malformed link offer: {e}")))?;
-        let phone = PhoneNumber::from_e164(&payload.phone)
-            .map_err(|e| ClientError::InvalidInput(e.to_string()))?;
-        let device_id = DeviceId::new(payload.device_id)
-            .map_err(|e| ClientError::InvalidInput(e.to_string()))?;
-        let account_key = key32(&payload.account_key)?;
+        let (phone, device_id, account_key) = payload
+            .parse()
+            .map_err(|e| ClientError::InvalidInput(format!("link offer: {e}")))?;
         let signature = device_binding_signature(&device, &phone, &account_key);
         let sealed = natter_crypto::link::seal(
             &secret,

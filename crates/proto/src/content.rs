@@ -402,3 +402,37 @@ pub struct ProfileKey {
     #[prost(uint64, tag = "2")]
     pub version: u64,
 }
+
+/// The kinds a [`HistoryMessage`] may have.
+pub const HISTORY_KINDS: &[&str] = &["text", "media", "undecryptable", "notice"];
+
+impl HistoryMessage {
+    /// Checks what a companion relies on before it imports the message, and returns its chat, id and
+    /// sending device: a valid E.164 chat, a 16-byte id, a valid device id, a known kind, a text within
+    /// [`crate::limits::MAX_TEXT_BYTES`], and a valid media pointer exactly when the kind is "media".
+    pub fn parse_ids(
+        &self,
+    ) -> Result<(crate::PhoneNumber, crate::MessageId, crate::DeviceId), crate::ProtoError> {
+        let chat = crate::PhoneNumber::from_e164(&self.chat)?;
+        let id = crate::MessageId::from_slice(&self.id)?;
+        let device = crate::DeviceId::new(self.sender_device)?;
+        if !HISTORY_KINDS.contains(&self.kind.as_str()) {
+            return Err(crate::ProtoError::Invalid {
+                what: "history message kind",
+            });
+        }
+        if self.text.len() > crate::limits::MAX_TEXT_BYTES {
+            return Err(crate::ProtoError::LimitExceeded {
+                what: "history text bytes",
+                len: self.text.len(),
+                max: crate::limits::MAX_TEXT_BYTES,
+            });
+        }
+        match (self.kind == "media", &self.media) {
+            (true, Some(media)) => media.validate()?,
+            (true, None) => return Err(crate::ProtoError::Missing("history media pointer")),
+            (false, _) => {}
+        }
+        Ok((chat, id, device))
+    }
+}

@@ -17,7 +17,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use prost::Message;
 
-use crate::content::{Content, ReceiptKind, content};
+use crate::content::{Content, HistoryBundle, ReceiptKind, content};
 use crate::device_list::{
     DeviceListContent, account_binding_input, device_signing_input, list_signing_input,
 };
@@ -28,8 +28,11 @@ use crate::limits::{
     MAX_DECRYPT_RETRIES, MAX_DEVICES_PER_ACCOUNT, MAX_ENVELOPE_CIPHERTEXT, MAX_FRAME_LEN,
     MAX_RECEIPT_IDS, MAX_TEXT_BYTES,
 };
+use crate::link::{AcceptPayload, LinkQr, OfferPayload};
 use crate::noise::{Handshake, RECORD_PREFIX, RecordReader, Role, SecureChannel, StaticKeypair};
-use crate::wire::{Frame, Ping, SignedDeviceList, frame};
+use crate::wire::{
+    AppState, AppStatePatch, AppStateSnapshot, Frame, Ping, SignedDeviceList, frame,
+};
 
 /// A fuzz target: its name (the directory of its seeds under `fuzz/seeds/`) and its harness.
 pub type Target = (&'static str, fn(&[u8]) -> bool);
@@ -42,6 +45,9 @@ pub const TARGETS: &[Target] = &[
     ("device_list", device_list),
     ("noise_records", noise_records),
     ("refusal", refusal),
+    ("link", link),
+    ("history_bundle", history_bundle),
+    ("app_state", app_state),
 ];
 
 /// A small deterministic generator (xorshift64*), for chunkings and the smoke test. Not for keys.
@@ -478,4 +484,71 @@ pub fn refusal(data: &[u8]) -> bool {
         "the message grew or changed"
     );
     true
+}
+
+/// Decodes `data` as `M`; a decoded message must encode and decode to itself.
+fn decode_round_trip<M: Message + Default + PartialEq>(data: &[u8], what: &str) -> Option<M> {
+    let m = M::decode(data).ok()?;
+    let again = M::decode(m.encode_to_vec().as_slice())
+        .unwrap_or_else(|e| panic!("a decoded {what} does not decode again: {e}"));
+    assert!(again == m, "{what} does not round-trip");
+    Some(m)
+}
+
+/// Target `link`: the first byte picks what a device reads while linking: 0 the text of a scanned QR code
+/// ([`LinkQr::from_text`]; an accepted code must print as the same text), 1 the primary's sealed offer
+/// once opened, 2 the companion's sealed answer once opened ([`OfferPayload::parse`]).
+/// Accepted: the input parsed and passed those checks.
+pub fn link(data: &[u8]) -> bool {
+    let Some((&kind, rest)) = data.split_first() else {
+        return false;
+    };
+    match kind % 3 {
+        0 => {
+            let Ok(text) = std::str::from_utf8(rest) else {
+                return false;
+            };
+            match LinkQr::from_text(text) {
+                Ok(qr) => {
+                    let again = LinkQr::from_text(&qr.to_text())
+                        .unwrap_or_else(|e| panic!("a parsed QR code does not parse again: {e}"));
+                    assert!(again == qr, "QR code does not round-trip");
+                    true
+                }
+                Err(_) => false,
+            }
+        }
+        1 => {
+            decode_round_trip::<OfferPayload>(rest, "link offer").is_some_and(|o| o.parse().is_ok())
+        }
+        _ => decode_round_trip::<AcceptPayload>(rest, "link answer").is_some(),
+    }
+}
+
+/// Target `history_bundle`: the decompressed content of a history chunk into [`HistoryBundle`], then
+/// every message's checks ([`crate::content::HistoryMessage::parse_ids`]). Accepted: every message passed.
+pub fn history_bundle(data: &[u8]) -> bool {
+    decode_round_trip::<HistoryBundle>(data, "history bundle")
+        .is_some_and(|b| b.messages.iter().all(|m| m.parse_ids().is_ok()))
+}
+
+/// Target `app_state`: the first byte picks a patch a device pushes (0), a snapshot (1) or a collection
+/// as the server serves it (2); the rest is decoded and validated as the server and the devices do before
+/// checking MACs. Accepted: it decoded and passed the checks.
+pub fn app_state(data: &[u8]) -> bool {
+    let Some((&kind, rest)) = data.split_first() else {
+        return false;
+    };
+    match kind % 3 {
+        0 => decode_round_trip::<AppStatePatch>(rest, "app-state patch")
+            .is_some_and(|p| p.validate().is_ok()),
+        1 => decode_round_trip::<AppStateSnapshot>(rest, "app-state snapshot")
+            .is_some_and(|s| s.validate().is_ok()),
+        _ => decode_round_trip::<AppState>(rest, "app-state collection").is_some_and(|c| {
+            crate::wire::APP_STATE_COLLECTIONS.contains(&c.collection.as_str())
+                && c.snapshot.as_ref().is_none_or(|s| s.validate().is_ok())
+                && c.patches.len() <= crate::limits::MAX_APP_STATE_PATCHES_PER_FETCH
+                && c.patches.iter().all(|p| p.validate().is_ok())
+        }),
+    }
 }

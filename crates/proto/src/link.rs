@@ -119,6 +119,25 @@ pub struct OfferPayload {
     pub device_id: u32,
 }
 
+impl OfferPayload {
+    /// The checks a companion makes on an opened offer: the account's number, the companion device id it
+    /// is given (never the primary's), and the 32-byte account key.
+    pub fn parse(&self) -> Result<(crate::PhoneNumber, crate::DeviceId, [u8; 32]), ProtoError> {
+        let phone = crate::PhoneNumber::from_e164(&self.phone)?;
+        let device = crate::DeviceId::new(self.device_id)?;
+        if device == crate::DeviceId::PRIMARY {
+            return Err(ProtoError::Invalid {
+                what: "companion device id",
+            });
+        }
+        let key =
+            <[u8; 32]>::try_from(self.account_key.as_slice()).map_err(|_| ProtoError::Invalid {
+                what: "account key",
+            })?;
+        Ok((phone, device, key))
+    }
+}
+
 /// What the companion answers (sealed): its signature binding it to the account key.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct AcceptPayload {

@@ -982,3 +982,61 @@ pub struct AppStateChanged {
     #[prost(uint64, tag = "2")]
     pub version: u64,
 }
+
+/// The app-state collections a device may use.
+pub const APP_STATE_COLLECTIONS: &[&str] = &["contacts", "chat_settings", "message_flags"];
+
+impl AppStateMutation {
+    /// The structure the server and the devices rely on before any MAC is checked: a known op, 32-byte
+    /// MACs, an 8-byte key id and a value within [`crate::limits::MAX_APP_STATE_VALUE`].
+    pub fn validate(&self) -> Result<(), crate::ProtoError> {
+        if self.op > 1 {
+            return Err(crate::ProtoError::Invalid {
+                what: "app-state mutation op",
+            });
+        }
+        if self.index_mac.len() != 32 || self.value_mac.len() != 32 || self.key_id.len() != 8 {
+            return Err(crate::ProtoError::Invalid {
+                what: "app-state mutation MAC or key id",
+            });
+        }
+        check_len(
+            "app-state value bytes",
+            self.value_blob.len(),
+            crate::limits::MAX_APP_STATE_VALUE,
+        )
+    }
+}
+
+impl AppStatePatch {
+    /// At most [`crate::limits::MAX_APP_STATE_MUTATIONS`] mutations, each valid.
+    pub fn validate(&self) -> Result<(), crate::ProtoError> {
+        check_len(
+            "app-state patch mutations",
+            self.mutations.len(),
+            crate::limits::MAX_APP_STATE_MUTATIONS,
+        )?;
+        self.mutations
+            .iter()
+            .try_for_each(AppStateMutation::validate)
+    }
+}
+
+impl AppStateSnapshot {
+    /// At most [`crate::limits::MAX_APP_STATE_RECORDS`] records, each a valid mutation.
+    pub fn validate(&self) -> Result<(), crate::ProtoError> {
+        check_len(
+            "app-state snapshot records",
+            self.records.len(),
+            crate::limits::MAX_APP_STATE_RECORDS,
+        )?;
+        self.records.iter().try_for_each(AppStateMutation::validate)
+    }
+}
+
+fn check_len(what: &'static str, len: usize, max: usize) -> Result<(), crate::ProtoError> {
+    if len > max {
+        return Err(crate::ProtoError::LimitExceeded { what, len, max });
+    }
+    Ok(())
+}

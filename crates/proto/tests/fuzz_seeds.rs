@@ -8,13 +8,17 @@
 
 use std::path::{Path, PathBuf};
 
-use natter_proto::content::{Content, Receipt, ReceiptKind, RetryRequest, Text, content};
+use natter_proto::content::{
+    Content, HistoryBundle, HistoryMessage, Receipt, ReceiptKind, RetryRequest, Text, content,
+};
 use natter_proto::device_list::{DeviceEntry, DeviceListContent};
 use natter_proto::frame::encode_frame;
 use natter_proto::fuzzing::{TARGETS, Target, XorShift};
 use natter_proto::limits::{
-    MAX_ACK_IDS, MAX_DEVICE_MESSAGES_PER_SEND, MAX_FRAME_LEN, MAX_TEXT_BYTES,
+    MAX_ACK_IDS, MAX_APP_STATE_MUTATIONS, MAX_APP_STATE_VALUE, MAX_DEVICE_MESSAGES_PER_SEND,
+    MAX_FRAME_LEN, MAX_TEXT_BYTES,
 };
+use natter_proto::link::{AcceptPayload, LinkQr, OfferPayload};
 use natter_proto::noise::{Handshake, Role, StaticKeypair};
 use natter_proto::wire::*;
 use prost::Message;
@@ -259,6 +263,45 @@ fn op(kind: u8, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
+fn history_message(kind: &str, id_len: usize) -> HistoryMessage {
+    HistoryMessage {
+        chat: PEER.into(),
+        id: vec![0x21; id_len],
+        from_me: true,
+        sender_device: 2,
+        kind: kind.into(),
+        text: "see you at 8".into(),
+        sent_at_ms: 1_700_000_000_000,
+        server_ts_ms: 1_700_000_000_100,
+        status: "read".into(),
+        media: None,
+    }
+}
+
+fn bundle(messages: Vec<HistoryMessage>) -> Vec<u8> {
+    HistoryBundle { messages }.encode_to_vec()
+}
+
+fn mutation(op: u32, value: usize) -> AppStateMutation {
+    AppStateMutation {
+        op,
+        index_mac: vec![1; 32],
+        value_blob: vec![2; value],
+        value_mac: vec![3; 32],
+        key_id: vec![4; 8],
+    }
+}
+
+fn patch(mutations: Vec<AppStateMutation>) -> AppStatePatch {
+    AppStatePatch {
+        version: 4,
+        mutations,
+        snapshot_mac: vec![5; 32],
+        patch_mac: vec![6; 32],
+        key_id: vec![4; 8],
+    }
+}
+
 fn generated_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let hello = frame::Body::ClientHello(ClientHello {
         protocol_version: 1,
@@ -330,6 +373,31 @@ fn generated_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         frame::Body::Ack(Ack {
             envelope_ids: (0..n as u64).collect(),
         })
+    };
+    let qr = LinkQr {
+        reference: vec![1; 16],
+        identity_curve: vec![2; 32],
+        identity_ed: vec![3; 32],
+        noise_key: vec![4; 32],
+        secret: vec![5; 32],
+        name: "laptop".into(),
+    };
+    let offer = |device_id: u32, key: usize| {
+        with_seed(
+            1,
+            &OfferPayload {
+                phone: PHONE.into(),
+                account_key: vec![9; key],
+                device_id,
+            }
+            .encode_to_vec(),
+        )
+    };
+    let snapshot = AppStateSnapshot {
+        version: 4,
+        records: vec![mutation(0, 40); 3],
+        snapshot_mac: vec![5; 32],
+        key_id: vec![4; 8],
     };
     let ping = frame::Body::Ping(Ping { nonce: 5 });
     let pong = frame::Body::Pong(Ping { nonce: 5 });
@@ -487,6 +555,108 @@ fn generated_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             e.noise_key.pop();
             signed_list(PHONE, vec![e])
         }),
+        ("link", "ok-qr", with_seed(0, qr.to_text().as_bytes())),
+        ("link", "ok-offer", offer(2, 32)),
+        (
+            "link",
+            "ok-answer",
+            with_seed(
+                2,
+                &AcceptPayload {
+                    device_signature: vec![7; 64],
+                }
+                .encode_to_vec(),
+            ),
+        ),
+        ("link", "bad-qr-prefix", with_seed(0, b"natter:AAAA")),
+        ("link", "bad-offer-primary", offer(1, 32)),
+        ("link", "bad-offer-short-key", offer(2, 31)),
+        (
+            "history_bundle",
+            "ok-texts",
+            bundle(vec![
+                history_message("text", 16),
+                history_message("notice", 16),
+            ]),
+        ),
+        ("history_bundle", "ok-empty", Vec::new()),
+        (
+            "history_bundle",
+            "bad-short-id",
+            bundle(vec![history_message("text", 15)]),
+        ),
+        (
+            "history_bundle",
+            "bad-media-without-pointer",
+            bundle(vec![history_message("media", 16)]),
+        ),
+        (
+            "history_bundle",
+            "bad-kind",
+            bundle(vec![history_message("sticker", 16)]),
+        ),
+        (
+            "app_state",
+            "ok-patch",
+            with_seed(
+                0,
+                &patch(vec![mutation(0, 60), mutation(1, 0)]).encode_to_vec(),
+            ),
+        ),
+        (
+            "app_state",
+            "ok-snapshot",
+            with_seed(1, &snapshot.encode_to_vec()),
+        ),
+        (
+            "app_state",
+            "ok-collection",
+            with_seed(
+                2,
+                &AppState {
+                    collection: "chat_settings".into(),
+                    snapshot: Some(snapshot.clone()),
+                    patches: vec![patch(vec![mutation(0, 10)])],
+                    version: 5,
+                }
+                .encode_to_vec(),
+            ),
+        ),
+        (
+            "app_state",
+            "bad-op",
+            with_seed(0, &patch(vec![mutation(2, 10)]).encode_to_vec()),
+        ),
+        (
+            "app_state",
+            "bad-large-value",
+            with_seed(
+                0,
+                &patch(vec![mutation(0, MAX_APP_STATE_VALUE + 1)]).encode_to_vec(),
+            ),
+        ),
+        (
+            "app_state",
+            "bad-too-many-mutations",
+            with_seed(
+                0,
+                &patch(vec![mutation(1, 0); MAX_APP_STATE_MUTATIONS + 1]).encode_to_vec(),
+            ),
+        ),
+        (
+            "app_state",
+            "bad-collection",
+            with_seed(
+                2,
+                &AppState {
+                    collection: "passwords".into(),
+                    snapshot: None,
+                    patches: Vec::new(),
+                    version: 0,
+                }
+                .encode_to_vec(),
+            ),
+        ),
         ("noise_records", "ok-handshake-message", with_seed(2, &msg1)),
         (
             "noise_records",

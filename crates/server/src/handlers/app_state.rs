@@ -4,13 +4,10 @@
 //! cannot read or verify the contents: devices check the MACs.
 
 use natter_proto::DeviceId;
-use natter_proto::limits::{
-    MAX_APP_STATE_MUTATIONS, MAX_APP_STATE_PATCHES_PER_FETCH, MAX_APP_STATE_RECORDS,
-    MAX_APP_STATE_VALUE, MAX_DEVICES_PER_ACCOUNT,
-};
+use natter_proto::limits::{MAX_APP_STATE_PATCHES_PER_FETCH, MAX_DEVICES_PER_ACCOUNT};
 use natter_proto::wire::{
-    AppState, AppStateChanged, AppStateMutation, AppStatePatch, AppStatePushed, AppStateSnapshot,
-    Error, ErrorCode, FetchAppState, Push, PushAppState, push, response,
+    AppState, AppStateChanged, AppStatePatch, AppStatePushed, AppStateSnapshot, Error, ErrorCode,
+    FetchAppState, Push, PushAppState, push, response,
 };
 use prost::Message;
 
@@ -19,7 +16,7 @@ use crate::delivery::ConnEvent;
 use crate::store::StoreError;
 
 /// The collections a device may use.
-pub const COLLECTIONS: &[&str] = &["contacts", "chat_settings", "message_flags"];
+pub use natter_proto::wire::APP_STATE_COLLECTIONS as COLLECTIONS;
 
 fn check_collection(name: &str) -> Result<(), Error> {
     if COLLECTIONS.contains(&name) {
@@ -32,35 +29,14 @@ fn check_collection(name: &str) -> Result<(), Error> {
     }
 }
 
-fn check_mutation(m: &AppStateMutation) -> Result<(), Error> {
-    if m.op > 1 {
-        return Err(bad_request("app-state mutation: unknown op"));
-    }
-    if m.index_mac.len() != 32 || m.value_mac.len() != 32 || m.key_id.len() != 8 {
-        return Err(bad_request("app-state mutation: malformed MAC or key id"));
-    }
-    if m.value_blob.len() > MAX_APP_STATE_VALUE {
-        return Err(bad_request(format!(
-            "app-state value too large: {} bytes (at most {MAX_APP_STATE_VALUE})",
-            m.value_blob.len()
-        )));
-    }
-    Ok(())
-}
-
 fn check_patch(p: &AppStatePatch, version: u64) -> Result<(), Error> {
     if p.version != version {
         return Err(bad_request(
             "app-state patch version must be base_version + 1",
         ));
     }
-    if p.mutations.len() > MAX_APP_STATE_MUTATIONS {
-        return Err(bad_request(format!(
-            "too many mutations in one app-state patch: {} (at most {MAX_APP_STATE_MUTATIONS})",
-            p.mutations.len()
-        )));
-    }
-    p.mutations.iter().try_for_each(check_mutation)
+    p.validate()
+        .map_err(|e| bad_request(format!("app-state patch: {e}")))
 }
 
 fn check_snapshot(s: &AppStateSnapshot, version: u64) -> Result<(), Error> {
@@ -69,13 +45,8 @@ fn check_snapshot(s: &AppStateSnapshot, version: u64) -> Result<(), Error> {
             "app-state snapshot version must be the patch's version",
         ));
     }
-    if s.records.len() > MAX_APP_STATE_RECORDS {
-        return Err(bad_request(format!(
-            "too many records in an app-state snapshot: {} (at most {MAX_APP_STATE_RECORDS})",
-            s.records.len()
-        )));
-    }
-    s.records.iter().try_for_each(check_mutation)
+    s.validate()
+        .map_err(|e| bad_request(format!("app-state snapshot: {e}")))
 }
 
 /// Appends a patch to one of the caller's collections.
