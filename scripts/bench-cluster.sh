@@ -49,7 +49,10 @@ stop_all() {
 }
 cleanup() {
     stop_all
-    [ -n "${NATS_PID:-}" ] && kill "$NATS_PID" 2>/dev/null && wait "$NATS_PID" 2>/dev/null
+    if [ -n "${NATS_PID:-}" ]; then
+        kill "$NATS_PID" 2>/dev/null || true
+        wait "$NATS_PID" 2>/dev/null || true
+    fi
     psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $DB" >/dev/null 2>&1 || true
     if [ "${BENCH_KEEP:-0}" = 1 ]; then
         echo "bench-cluster: kept $WORK" >&2
