@@ -48,7 +48,8 @@ struct Cli {
 /// Options every scenario takes.
 #[derive(Args, Debug)]
 struct Common {
-    /// natterd's address (loopback only).
+    /// natterd's address (loopback only). `pairs` takes the nodes of a cluster too (A,B,...): accounts
+    /// register through the first, and each pair's two devices connect to different nodes.
     #[arg(long, global = true, default_value = "127.0.0.1:5222")]
     server: String,
     /// The file natterd's SMS gateway writes codes to (natterd --sms-gateway file:PATH).
@@ -223,7 +224,14 @@ enum Scenario {
     },
 }
 
-async fn check_loopback(server: &str) -> Result<()> {
+async fn check_loopback(servers: &str) -> Result<()> {
+    for server in servers.split(',') {
+        check_one_loopback(server.trim()).await?;
+    }
+    Ok(())
+}
+
+async fn check_one_loopback(server: &str) -> Result<()> {
     let addrs: Vec<_> = tokio::net::lookup_host(server)
         .await
         .with_context(|| format!("resolving {server}"))?

@@ -403,8 +403,12 @@ pub(crate) async fn open_session(link: &mut Link, a: &Device, b: &Device) -> Res
     Ok(a.keys.create_outbound_session(&curve, &ed, &prekey)?)
 }
 
-/// Runs the scenario and returns its summary.
+/// Runs the scenario and returns its summary. `addr` may list several nodes of a cluster (`A,B,...`):
+/// accounts register through the first, sender `i` connects to node `i mod n` and its receiver to the
+/// next node, so with two or more nodes every message crosses the bus.
 pub async fn run(addr: &str, sms: Arc<SmsLog>, o: PairsOptions) -> Result<Summary> {
+    let nodes: Vec<&str> = addr.split(',').map(str::trim).collect();
+    let addr = nodes[0];
     if o.pairs == 0 || o.messages == 0 || o.window == 0 {
         bail!("--pairs, --messages and --window must be at least 1");
     }
@@ -436,9 +440,9 @@ pub async fn run(addr: &str, sms: Arc<SmsLog>, o: PairsOptions) -> Result<Summar
     let mut senders = Vec::with_capacity(o.pairs);
     let mut receivers = Vec::with_capacity(o.pairs);
     for (i, (a, b)) in senders_dev.iter().zip(receivers_dev).enumerate() {
-        let mut blink = adapter::login(addr, &b).await?;
+        let mut blink = adapter::login(nodes[(i + 1) % nodes.len()], &b).await?;
         wait_queue_empty(&mut blink).await?;
-        let mut alink = adapter::login(addr, a).await?;
+        let mut alink = adapter::login(nodes[i % nodes.len()], a).await?;
         wait_queue_empty(&mut alink).await?;
         let mut session = open_session(&mut alink, a, &b).await?;
         let text = text_of(o.text_bytes);

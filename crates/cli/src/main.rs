@@ -28,7 +28,8 @@ struct Cli {
     /// Directory holding this device's keys and messages.
     #[arg(long, env = "NATTER_HOME", global = true)]
     home: Option<PathBuf>,
-    /// Server address (HOST:PORT); remembered for later commands.
+    /// Server address (HOST:PORT), or the nodes of a cluster (HOST:PORT,HOST:PORT,...: the first that
+    /// answers is used, the next when it fails); remembered for later commands.
     #[arg(long, env = "NATTER_SERVER", global = true)]
     server: Option<String>,
     /// Print JSON (one object per line) instead of text.

@@ -112,6 +112,8 @@ pub(crate) struct Inner {
     /// that a group send verifies the members' signed lists only when something changed.
     pub(crate) group_targets: Mutex<crate::groups::TargetCache>,
     supervisor: Mutex<Option<JoinHandle<()>>>,
+    /// Which of the configured servers to try first (the last one that worked).
+    next_server: std::sync::atomic::AtomicUsize,
     /// Primary side of linking: who waits for which companion's acceptance.
     pub(crate) link_waiters: Mutex<
         std::collections::HashMap<
@@ -257,6 +259,7 @@ impl Client {
             group_targets: Mutex::new(Default::default()),
             supervisor: Mutex::new(None),
             link_waiters: Mutex::new(Default::default()),
+            next_server: std::sync::atomic::AtomicUsize::new(0),
         });
         Client {
             _owner: Some(Arc::new(Owner {
@@ -288,14 +291,24 @@ impl Client {
         let _ = self.inner.events.send(ev);
     }
 
-    /// Remembers the server address for later commands.
+    /// Remembers the server address for later commands: `HOST:PORT`, or several separated by commas
+    /// (the nodes of a cluster, which share one server key): the client connects to the first that
+    /// answers and fails over to the next when a connection cannot be opened or drops.
     pub async fn set_server(&self, addr: &str) -> Result<()> {
         let addr = addr.trim();
-        if addr.is_empty() || addr.len() > 255 || !addr.contains(':') {
+        let parts: Vec<&str> = addr.split(',').map(str::trim).collect();
+        if addr.len() > 1024
+            || parts.len() > 16
+            || parts
+                .iter()
+                .any(|a| a.is_empty() || a.len() > 255 || !a.contains(':'))
+        {
             return Err(ClientError::InvalidInput(format!(
-                "invalid server address {addr:?}: use HOST:PORT"
+                "invalid server address {addr:?}: use HOST:PORT[,HOST:PORT...]"
             )));
         }
+        let addr = parts.join(",");
+        let addr = addr.as_str();
         let old = self.server().await?;
         let mut changes = Changes::default();
         if old.as_deref() != Some(addr) {
@@ -371,7 +384,7 @@ impl Client {
         device.pickle(&self.inner.cipher.pickle_key())
     }
 
-    async fn open_connection(
+    pub(crate) async fn open_connection(
         &self,
         noise: &StaticKeypair,
         login: Option<Login>,
@@ -379,15 +392,47 @@ impl Client {
         Connection,
         tokio::sync::mpsc::UnboundedReceiver<natter_proto::wire::Push>,
     )> {
-        let addr = self.server().await?.ok_or(ClientError::NoServer)?;
+        let servers = self.server().await?.ok_or(ClientError::NoServer)?;
+        let servers: Vec<&str> = servers.split(',').map(str::trim).collect();
         let pinned = self.pinned_server_key().await?;
-        let (conn, pushes) = Connection::open(ConnectOptions {
-            addr: &addr,
-            noise_key: noise,
-            pinned_server_key: pinned,
-            login,
-        })
-        .await?;
+        let first = self
+            .inner
+            .next_server
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut last_error = None;
+        let mut opened = None;
+        for i in 0..servers.len() {
+            let index = (first + i) % servers.len();
+            match Connection::open(ConnectOptions {
+                addr: servers[index],
+                noise_key: noise,
+                pinned_server_key: pinned,
+                login: login.clone(),
+            })
+            .await
+            {
+                Ok(c) => {
+                    self.inner
+                        .next_server
+                        .store(index, std::sync::atomic::Ordering::Relaxed);
+                    opened = Some(c);
+                    break;
+                }
+                // A node that is down or cut off: the next one may serve.
+                Err(
+                    e @ (ClientError::Unreachable { .. }
+                    | ClientError::Timeout
+                    | ClientError::Disconnected),
+                ) => {
+                    tracing::debug!(server = servers[index], error = %e, "server not reachable; trying the next");
+                    last_error = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some((conn, pushes)) = opened else {
+            return Err(last_error.unwrap_or(ClientError::NoServer));
+        };
         if pinned.is_none() {
             self.pin_server_key(conn.server_key()).await?;
         }
@@ -676,6 +721,10 @@ impl Client {
                 return;
             }
             self.emit(Event::Disconnected);
+            // The node may be gone: start with the next one (it comes back in turn if it was a blip).
+            self.inner
+                .next_server
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             loop {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));

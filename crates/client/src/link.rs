@@ -27,7 +27,6 @@ use zeroize::Zeroizing;
 use crate::client::{Client, WhoAmI, unexpected};
 use crate::error::{ClientError, Result};
 use crate::messaging::key32;
-use crate::net::{ConnectOptions, Connection};
 use crate::store::{Changes, IdentityRecord, PeerRecord};
 
 /// How long the primary waits for the companion's acceptance.
@@ -95,9 +94,8 @@ impl Client {
         }
         let device = DeviceKeys::generate();
         let noise = StaticKeypair::generate()?;
-        let addr = self.server().await?.ok_or(ClientError::NoServer)?;
         let deadline = tokio::time::Instant::now() + timeout;
-        let (conn, mut pushes) = self.open_anonymous(&addr, &noise).await?;
+        let (conn, mut pushes) = self.open_connection(&noise, None).await?;
         let (reference, secret, offer) = loop {
             if tokio::time::Instant::now() >= deadline {
                 return Err(ClientError::Timeout);
@@ -228,28 +226,6 @@ impl Client {
             .await?;
         drop(_crypto);
         self.whoami().await?.ok_or(ClientError::NotRegistered)
-    }
-
-    async fn open_anonymous(
-        &self,
-        addr: &str,
-        noise: &StaticKeypair,
-    ) -> Result<(
-        Connection,
-        tokio::sync::mpsc::UnboundedReceiver<natter_proto::wire::Push>,
-    )> {
-        let pinned = self.pinned_server_key().await?;
-        let (conn, pushes) = Connection::open(ConnectOptions {
-            addr,
-            noise_key: noise,
-            pinned_server_key: pinned,
-            login: None,
-        })
-        .await?;
-        if pinned.is_none() {
-            self.pin_server_key(conn.server_key()).await?;
-        }
-        Ok((conn, pushes))
     }
 
     /// Primary side: links the companion that shows `qr`. Needs a connection ([`Client::connect`]).

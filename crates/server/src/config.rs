@@ -40,6 +40,19 @@ pub struct ServerConfig {
     pub discovery_ip_quota: u32,
     /// Limits against abuse of the network edge and the queues.
     pub abuse: AbuseLimits,
+    /// The bus between nodes: `None` (default) for a single node, `nats://HOST:PORT` for a cluster.
+    pub bus: Option<String>,
+    /// This node's id in a cluster (1 to 64 of `A-Z a-z 0-9 - _`). Default: a random one per start.
+    pub node_id: Option<String>,
+    /// In a cluster, how often every connected device's queue is re-read in case a wake-up was lost on
+    /// the bus. Default 60 s.
+    pub bus_catchup_interval: Duration,
+    /// Directory of the keys every node of a cluster must share: the Noise static key clients pin
+    /// (`server.key`) and the blob token key (`blob.key`). Default: the data directory.
+    pub key_dir: Option<PathBuf>,
+    /// Where media blobs go: `None` (default) for `data_dir/blobs`, or `s3://BUCKET[/PREFIX]` with
+    /// optional `?endpoint=URL&region=R` (credentials from the usual `AWS_*` environment variables).
+    pub blobs: Option<String>,
     /// Where durable state lives. Default [`StoreUrl::DataDir`] (SQLite in `data_dir`).
     pub store: StoreUrl,
 }
@@ -203,6 +216,11 @@ impl ServerConfig {
             discovery_account_quota: limits::DISCOVERY_ACCOUNT_QUOTA,
             discovery_ip_quota: limits::DISCOVERY_IP_QUOTA,
             abuse: AbuseLimits::default(),
+            bus: None,
+            node_id: None,
+            bus_catchup_interval: Duration::from_secs(60),
+            key_dir: None,
+            blobs: None,
             store: StoreUrl::DataDir,
         }
     }

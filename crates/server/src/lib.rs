@@ -10,9 +10,11 @@
 //! - [`directory`]: open companion link sessions and device-list watchers (in memory).
 //! - [`media`]: media blobs: transfer tokens, the blob store and the HTTP service.
 //! - [`store`]: the [`store::Store`] trait and its backends (SQLite by default).
+//! - [`bus`]: the [`bus::Bus`] between nodes of a cluster (NATS), or none on a single node.
 //!
 //! The server routes and stores ciphertext only; it never holds a private key of a user or a plaintext.
 
+pub mod bus;
 pub mod config;
 pub mod delivery;
 pub mod directory;

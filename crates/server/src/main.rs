@@ -58,6 +58,41 @@ struct Args {
     /// Abuse limits.
     #[command(flatten)]
     abuse: AbuseArgs,
+    /// Cluster mode.
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// Cluster mode: several natterd nodes over one store, a NATS bus and shared blobs.
+#[derive(clap::Args, Debug)]
+struct ClusterArgs {
+    /// The bus between nodes, e.g. nats://127.0.0.1:4222 (default: a single node, no bus).
+    #[arg(long, env = "NATTERD_BUS")]
+    bus: Option<String>,
+    /// This node's id in the cluster (A-Z a-z 0-9 - _; default: a random one).
+    #[arg(long, env = "NATTERD_NODE_ID")]
+    node_id: Option<String>,
+    /// Directory of the keys all nodes share: server.key (the Noise key clients pin) and blob.key
+    /// (default: the data directory).
+    #[arg(long, env = "NATTERD_KEY_DIR")]
+    key_dir: Option<PathBuf>,
+    /// Where media blobs go: s3://BUCKET[/PREFIX][?endpoint=URL&region=R] (credentials from AWS_*
+    /// variables); default: DATA/blobs.
+    #[arg(long, env = "NATTERD_BLOBS")]
+    blobs: Option<String>,
+    /// Seconds between re-reads of every connected device's queue (in case a bus message was lost).
+    #[arg(long, default_value_t = 60)]
+    bus_catchup_secs: u64,
+}
+
+impl ClusterArgs {
+    fn apply(self, config: &mut ServerConfig) {
+        config.bus = self.bus;
+        config.node_id = self.node_id;
+        config.key_dir = self.key_dir;
+        config.blobs = self.blobs;
+        config.bus_catchup_interval = std::time::Duration::from_secs(self.bus_catchup_secs.max(1));
+    }
 }
 
 /// What natterd does instead of serving.
@@ -145,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
     config.discovery_account_quota = args.discovery_account_quota;
     config.discovery_ip_quota = args.discovery_ip_quota;
     args.abuse.apply(&mut config.abuse);
+    args.cluster.apply(&mut config);
     let server = Server::start(config)
         .await
         .with_context(|| format!("starting natterd in {}", args.data.display()))?;

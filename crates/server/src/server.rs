@@ -43,6 +43,9 @@ pub enum StartError {
     /// Key generation failed.
     #[error("key generation: {0}")]
     Crypto(#[from] natter_proto::ProtoError),
+    /// The bus to the other nodes could not be opened.
+    #[error("bus: {0}")]
+    Bus(#[from] crate::bus::BusError),
 }
 
 /// Everything the connection drivers and handlers share.
@@ -79,6 +82,7 @@ impl std::fmt::Debug for ServerState {
         f.debug_struct("ServerState")
             .field("noise_key", &self.noise_key)
             .field("online", &self.router.online())
+            .field("node", &self.router.bus().node_id())
             .finish_non_exhaustive()
     }
 }
@@ -120,35 +124,57 @@ pub struct Server {
     accept: JoinHandle<()>,
     expiry: JoinHandle<()>,
     http: JoinHandle<()>,
+    bus_task: JoinHandle<()>,
 }
 
 /// How long shutdown waits for blob transfers in flight before cutting them off.
 const HTTP_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Loads the server's Noise key from the data directory, creating it on first start.
+/// Loads the server's Noise key from the key directory, creating it on first start.
 fn load_or_create_key(dir: &Path) -> Result<StaticKeypair, StartError> {
     let path = dir.join("server.key");
-    let io = |source| StartError::Io {
+    let kp = StaticKeypair::generate()?;
+    let bytes = read_or_create_secret(&path, kp.private()).map_err(|source| StartError::Io {
         path: path.display().to_string(),
         source,
-    };
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            let private: [u8; 32] = bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| StartError::BadKey(path.display().to_string()))?;
-            Ok(StaticKeypair::from_private(private))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let kp = StaticKeypair::generate()?;
-            let tmp = dir.join("server.key.tmp");
-            write_private(&tmp, kp.private()).map_err(io)?;
-            std::fs::rename(&tmp, &path).map_err(io)?;
-            Ok(kp)
-        }
-        Err(e) => Err(io(e)),
+    })?;
+    let private: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| StartError::BadKey(path.display().to_string()))?;
+    Ok(StaticKeypair::from_private(private))
+}
+
+/// Reads the secret at `path`, or stores `fresh` there (mode 0600) if there is none. Safe when several
+/// nodes sharing a key directory start at once: the file appears whole or not at all (written aside,
+/// then hard-linked into place, which fails if another node got there first), and every node ends up
+/// with the bytes that won.
+pub(crate) fn read_or_create_secret(
+    path: &Path,
+    fresh: &[u8],
+) -> std::io::Result<zeroize::Zeroizing<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(bytes) => return Ok(zeroize::Zeroizing::new(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let tmp = path.with_extension(format!("tmp-{}", hex::encode(nonce)));
+    write_private(&tmp, fresh)?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(parent) = path.parent()
+        && let Ok(d) = std::fs::File::open(parent)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(zeroize::Zeroizing::new(std::fs::read(path)?))
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -165,6 +191,27 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Opens the bus the configuration names: none (single node) or NATS.
+async fn open_bus(config: &ServerConfig) -> Result<Arc<dyn crate::bus::Bus>, StartError> {
+    let Some(url) = &config.bus else {
+        return Ok(Arc::new(crate::bus::LocalBus::default()));
+    };
+    let node_id = match &config.node_id {
+        Some(id) => id.clone(),
+        None => {
+            let mut b = [0u8; 4];
+            getrandom::fill(&mut b).map_err(|e| StartError::Io {
+                path: "random node id".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            hex::encode(b)
+        }
+    };
+    let bus = crate::bus::NatsBus::connect(url, &node_id).await?;
+    tracing::info!(node = %node_id, bus = %url, "joined the cluster bus");
+    Ok(Arc::new(bus))
+}
+
 impl Server {
     /// Opens the data directory, binds `config.listen` and starts serving.
     pub async fn start(config: ServerConfig) -> Result<Server, StartError> {
@@ -173,7 +220,13 @@ impl Server {
             path: dir.display().to_string(),
             source,
         })?;
-        let noise_key = load_or_create_key(&dir)?;
+        let key_dir = config.key_dir.clone().unwrap_or_else(|| dir.clone());
+        std::fs::create_dir_all(&key_dir).map_err(|source| StartError::Io {
+            path: key_dir.display().to_string(),
+            source,
+        })?;
+        let noise_key = load_or_create_key(&key_dir)?;
+        let bus = open_bus(&config).await?;
         let store: Arc<dyn Store> = crate::store::open_store(&config.store, &dir).await?;
         let gateway = gateway::from_spec(&config.sms_gateway)?;
         let listener = TcpListener::bind(config.listen)
@@ -202,20 +255,25 @@ impl Server {
                 path: http_bind.to_string(),
                 source,
             })?;
-        let media = Arc::new(crate::media::Media::open(
-            &dir,
-            http_addr,
-            store.clone(),
-            config.media_quota_bytes,
-        )?);
+        let media = Arc::new(
+            crate::media::Media::open(
+                &dir,
+                &key_dir,
+                config.blobs.as_deref(),
+                http_addr,
+                store.clone(),
+                config.media_quota_bytes,
+            )
+            .await?,
+        );
         let state = Arc::new(ServerState {
             store,
             media: media.clone(),
-            router: Router::new(),
+            router: Router::with_bus(bus.clone()),
             registration: Registration::new(gateway, config.registration.clone()),
-            links: Default::default(),
+            links: crate::directory::LinkSessions::new(bus.clone()),
             watchers: Default::default(),
-            device_cache: Default::default(),
+            device_cache: crate::directory::DeviceCache::new(bus),
             presence: Default::default(),
             discovery: crate::handlers::social::DiscoveryQuotas::new(&config),
             noise_key,
@@ -228,6 +286,7 @@ impl Server {
         let (shutdown, rx) = watch::channel(false);
         let accept = tokio::spawn(crate::transport::run(state.clone(), listener, rx.clone()));
         let http = tokio::spawn(crate::media::http::serve(http_listener, media, rx.clone()));
+        let bus_task = tokio::spawn(crate::bus::inbound::run(state.clone(), rx.clone()));
         let expiry = tokio::spawn(expire_periodically(state.clone(), rx));
         tracing::info!(addr = %local_addr, http = %http_addr, key = %hex::encode(state.noise_key.public()), "natterd listening");
         Ok(Server {
@@ -238,6 +297,7 @@ impl Server {
             accept,
             expiry,
             http,
+            bus_task,
         })
     }
 
@@ -267,6 +327,7 @@ impl Server {
         let _ = self.shutdown.send(true);
         let _ = self.accept.await;
         let _ = self.expiry.await;
+        let _ = self.bus_task.await;
         let mut http = self.http;
         if tokio::time::timeout(HTTP_DRAIN, &mut http).await.is_err() {
             http.abort();
@@ -282,14 +343,19 @@ pub async fn log_out_stale_companions(
 ) -> Result<usize, crate::store::StoreError> {
     let cutoff =
         crate::now_ms().saturating_sub(state.config.companion_logout_after.as_millis() as u64);
-    let mut stale = state.store.stale_companions(cutoff, 10_000).await?;
+    let stale = state.store.stale_companions(cutoff, 10_000).await?;
     // The primary's last-seen time is its last login: a phone connected all along is not absent.
-    stale.retain(|(phone, _)| {
-        state
+    let mut absent = Vec::with_capacity(stale.len());
+    for (phone, device) in stale {
+        if !state
             .router
-            .get(phone, natter_proto::DeviceId::PRIMARY)
-            .is_none()
-    });
+            .is_online(&phone, natter_proto::DeviceId::PRIMARY)
+            .await
+        {
+            absent.push((phone, device));
+        }
+    }
+    let stale = absent;
     let mut accounts = std::collections::BTreeSet::new();
     for (phone, device) in &stale {
         state.store.remove_device(phone, *device).await?;

@@ -1,6 +1,10 @@
 //! Routing to online devices. Every envelope is durable in the store before it gets here, so routing is
 //! best effort: an envelope the router cannot hand to a connection right away is left for the connection
 //! to load from the store (a *resync*), never dropped.
+//!
+//! In a cluster the [`Router`] is also where devices connected to other nodes are reached: a device that
+//! is not connected here is looked up in the bus's routing records and its node gets a wake-up (or the
+//! push, or the kick) over the [`crate::bus::Bus`]. Callers do not see the difference.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -13,7 +17,10 @@ use natter_proto::wire::{Push, Response};
 use natter_proto::{DeviceId, PhoneNumber};
 use tokio::sync::mpsc;
 
+use crate::bus::Bus;
+use crate::bus::messages::{self, Body, BusMessage};
 use crate::store::QueuedEnvelope;
+use prost::Message;
 
 /// Something for a connection's driver to do.
 #[derive(Debug)]
@@ -47,6 +54,8 @@ pub struct ConnShared {
     tx: mpsc::UnboundedSender<ConnEvent>,
     queued: AtomicUsize,
     resync_from: AtomicU64,
+    /// Revision of the routing record this connection wrote (cluster mode; 0 if none).
+    route_revision: AtomicU64,
 }
 
 impl ConnShared {
@@ -59,6 +68,7 @@ impl ConnShared {
                 tx,
                 queued: AtomicUsize::new(0),
                 resync_from: AtomicU64::new(u64::MAX),
+                route_revision: AtomicU64::new(0),
             }),
             rx,
         )
@@ -80,7 +90,13 @@ impl ConnShared {
             return;
         }
         self.queued.fetch_sub(1, Ordering::AcqRel);
-        let prev = self.resync_from.fetch_min(env.seq, Ordering::AcqRel);
+        self.wake(env.seq);
+    }
+
+    /// Tells the driver that the store holds envelopes from `seq` on that it may not have pushed
+    /// (several wake-ups before the driver runs make one store read).
+    pub fn wake(&self, seq: u64) {
+        let prev = self.resync_from.fetch_min(seq, Ordering::AcqRel);
         if prev == u64::MAX {
             self.send(ConnEvent::Resync);
         }
@@ -101,12 +117,15 @@ impl ConnShared {
 }
 
 type Key = (PhoneNumber, DeviceId);
+/// How long after a login its route has surely reached every node.
+const CLAIM_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
 const SHARDS: usize = 64;
 
 /// Which connection serves each online device. Sharded so that delivery takes no global lock.
 #[derive(Debug)]
 pub struct Router {
     shards: Vec<Mutex<HashMap<Key, Arc<ConnShared>>>>,
+    bus: Arc<dyn Bus>,
 }
 
 impl Default for Router {
@@ -116,11 +135,22 @@ impl Default for Router {
 }
 
 impl Router {
-    /// An empty router.
+    /// An empty router for a single node.
     pub fn new() -> Self {
+        Self::with_bus(Arc::new(crate::bus::LocalBus::default()))
+    }
+
+    /// An empty router that reaches other nodes through `bus`.
+    pub fn with_bus(bus: Arc<dyn Bus>) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            bus,
         }
+    }
+
+    /// The bus to the other nodes.
+    pub fn bus(&self) -> &Arc<dyn Bus> {
+        &self.bus
     }
 
     fn shard(
@@ -166,24 +196,150 @@ impl Router {
             .cloned()
     }
 
-    /// Hands a durable envelope to its device's connection, if the device is online.
+    /// Hands a durable envelope to its device's connection, if the device is online here, or wakes the
+    /// node that holds it.
     pub fn deliver(&self, env: QueuedEnvelope) {
         if let Some(conn) = self.get(&env.phone, env.device_id) {
             conn.deliver(Arc::new(env));
+        } else if self.bus.clustered() {
+            let msg = BusMessage::new(Body::Mail(messages::Mail {
+                phone: env.phone.as_str().to_owned(),
+                device: env.device_id.get(),
+                seq: env.seq,
+            }));
+            self.forward(env.phone, env.device_id, msg);
         }
     }
 
-    /// Sends an event to a device if it is online.
+    /// Sends an event to a device if it is online (here, or, for a push, on another node).
     pub fn notify(&self, phone: &PhoneNumber, device: DeviceId, ev: ConnEvent) -> bool {
-        self.get(phone, device).is_some_and(|c| c.send(ev))
+        if let Some(conn) = self.get(phone, device) {
+            return conn.send(ev);
+        }
+        match ev {
+            ConnEvent::Push(p) if self.bus.clustered() => {
+                let msg = BusMessage::new(Body::Push(messages::DevicePush {
+                    phone: phone.as_str().to_owned(),
+                    device: device.get(),
+                    push: p.encode_to_vec(),
+                }));
+                self.forward(phone.clone(), device, msg);
+                true
+            }
+            _ => false,
+        }
     }
 
-    /// Disconnects a device that no longer belongs to its account.
+    /// Disconnects a device that no longer belongs to its account, wherever it is connected.
     pub fn kick(&self, phone: &PhoneNumber, device: DeviceId, reason: &str) {
-        let conn = Self::lock(self.shard(phone, device)).remove(&(phone.clone(), device));
-        if let Some(conn) = conn {
-            conn.send(ConnEvent::Kick(reason.to_owned()));
+        if !self.kick_local(phone, device, reason) && self.bus.clustered() {
+            let msg = BusMessage::new(Body::Kick(messages::Kick {
+                phone: phone.as_str().to_owned(),
+                device: device.get(),
+                reason: reason.to_owned(),
+            }));
+            self.forward(phone.clone(), device, msg);
         }
+    }
+
+    /// Disconnects a device if it is connected to this node; false if it is not.
+    pub fn kick_local(&self, phone: &PhoneNumber, device: DeviceId, reason: &str) -> bool {
+        let conn = Self::lock(self.shard(phone, device)).remove(&(phone.clone(), device));
+        match conn {
+            Some(conn) => {
+                conn.send(ConnEvent::Kick(reason.to_owned()));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sends `msg` to the node that holds the device's connection, in the background (best effort:
+    /// the device's node catches up from the store if this is lost).
+    fn forward(&self, phone: PhoneNumber, device: DeviceId, msg: BusMessage) {
+        let bus = self.bus.clone();
+        tokio::spawn(async move {
+            let node = match bus.route(&phone, device).await {
+                Ok(Some(node)) if node != bus.node_id() => node,
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "no route lookup; the device's node catches up");
+                    return;
+                }
+            };
+            if let Err(e) = bus.send(&node, &msg).await {
+                tracing::debug!(error = %e, "bus message lost; the device's node catches up");
+            }
+        });
+    }
+
+    /// Whether a device is connected, here or (in a cluster) to another node.
+    pub async fn is_online(&self, phone: &PhoneNumber, device: DeviceId) -> bool {
+        if self.get(phone, device).is_some() {
+            return true;
+        }
+        self.bus.clustered() && matches!(self.bus.route(phone, device).await, Ok(Some(_)))
+    }
+
+    /// Records in the cluster that `conn` (registered here) holds the device's connection, and closes
+    /// an older connection of the device on another node. Must complete before the device's queue is
+    /// read: a sender that stored an envelope after that read then finds this node. Failures are logged
+    /// and left to the catch-up after the bus comes back.
+    pub async fn claim(&self, phone: &PhoneNumber, device: DeviceId, conn: &Arc<ConnShared>) {
+        if !self.bus.clustered() {
+            return;
+        }
+        // A sender that looked the device up just before the other nodes heard of this claim woke the
+        // old node: read the queue once more when the claim has surely arrived everywhere.
+        let later = Arc::downgrade(conn);
+        tokio::spawn(async move {
+            tokio::time::sleep(CLAIM_SETTLE).await;
+            if let Some(conn) = later.upgrade() {
+                conn.wake(1);
+            }
+        });
+        match self.bus.claim_route(phone, device).await {
+            Ok((revision, previous)) => {
+                conn.route_revision.store(revision, Ordering::Release);
+                if let Some(node) = previous {
+                    let msg = BusMessage::new(Body::Kick(messages::Kick {
+                        phone: phone.as_str().to_owned(),
+                        device: device.get(),
+                        reason: "this device opened a newer connection".into(),
+                    }));
+                    let _ = self.bus.send(&node, &msg).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "device route not recorded"),
+        }
+    }
+
+    /// Drops the routing record `conn` wrote, unless a newer connection replaced it (background).
+    pub fn release(&self, phone: &PhoneNumber, device: DeviceId, conn: &ConnShared) {
+        let revision = conn.route_revision.load(Ordering::Acquire);
+        // A newer connection of the device here keeps the record.
+        if !self.bus.clustered() || revision == 0 || self.get(phone, device).is_some() {
+            return;
+        }
+        let (bus, phone) = (self.bus.clone(), phone.clone());
+        tokio::spawn(async move {
+            if let Err(e) = bus.release_route(&phone, device, revision).await {
+                tracing::debug!(error = %e, "device route not released");
+            }
+        });
+    }
+
+    /// Every device connected here, with its connection.
+    pub fn local_devices(&self) -> Vec<(PhoneNumber, DeviceId, Arc<ConnShared>)> {
+        let mut all = Vec::new();
+        for shard in &self.shards {
+            all.extend(
+                Self::lock(shard)
+                    .iter()
+                    .map(|((p, d), c)| (p.clone(), *d, c.clone())),
+            );
+        }
+        all
     }
 
     /// Devices online now.

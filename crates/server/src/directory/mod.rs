@@ -1,81 +1,223 @@
 //! The directory's in-memory parts: open link sessions (a companion waiting for a primary to scan its QR
-//! code) and who follows which account's device list (so a change is pushed at once). Durable directory
-//! state (accounts, devices, lists, prekeys) lives in the [`crate::store::Store`].
+//! code), who follows which account's device list (so a change is pushed at once) and a cache of
+//! device ids. Durable directory state (accounts, devices, lists, prekeys) lives in the
+//! [`crate::store::Store`]; in a cluster, link sessions are also recorded on the bus and cache
+//! invalidations are broadcast.
 
 pub mod presence;
 
+use natter_proto::PhoneNumber;
+use prost::Message;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
 
-use natter_proto::PhoneNumber;
-
-use crate::delivery::ConnShared;
+use crate::bus::messages::{self, Body, BusMessage};
+use crate::bus::{Bucket, Bus};
+use crate::delivery::{ConnEvent, ConnShared};
 
 /// A companion's open link session.
 #[derive(Debug, Clone)]
 pub struct LinkSession {
-    /// The companion's (anonymous) connection.
-    pub companion: Arc<ConnShared>,
+    /// The node that holds the companion's (anonymous) connection.
+    pub node: String,
+    /// The companion's connection, when that node is this one.
+    pub companion: Option<Arc<ConnShared>>,
     /// The companion's Noise key: the key the published list must give the new device.
     pub companion_noise: [u8; 32],
-    /// When the reference stops working.
-    pub expires: Instant,
-    /// The primary that offered its account, with its connection.
-    pub offered_by: Option<(PhoneNumber, Arc<ConnShared>)>,
+    /// When the reference stops working (ms since epoch).
+    pub expires_ms: u64,
+    /// The account whose primary offered itself.
+    pub offered_by: Option<PhoneNumber>,
 }
 
-/// Open link sessions by reference.
-#[derive(Debug, Default)]
+/// A link session as other nodes see it (a record on the bus).
+#[derive(Clone, PartialEq, prost::Message)]
+struct LinkRecord {
+    #[prost(string, tag = "1")]
+    node: String,
+    #[prost(bytes = "vec", tag = "2")]
+    companion_noise: Vec<u8>,
+    #[prost(uint64, tag = "3")]
+    expires_ms: u64,
+    #[prost(string, tag = "4")]
+    offered_by: String,
+}
+
+impl LinkRecord {
+    fn of(s: &LinkSession) -> Self {
+        Self {
+            node: s.node.clone(),
+            companion_noise: s.companion_noise.to_vec(),
+            expires_ms: s.expires_ms,
+            offered_by: s
+                .offered_by
+                .as_ref()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Open link sessions by reference: in memory on the companion's node, and (in a cluster) as a record
+/// on the bus so that a primary connected to another node can find it.
+#[derive(Debug)]
 pub struct LinkSessions {
     map: Mutex<HashMap<[u8; 16], LinkSession>>,
+    bus: Arc<dyn Bus>,
+}
+
+impl Default for LinkSessions {
+    fn default() -> Self {
+        Self::new(Arc::new(crate::bus::LocalBus::default()))
+    }
 }
 
 /// Sessions at most; a flood of anonymous requests cannot grow the map further.
 const MAX_LINK_SESSIONS: usize = 100_000;
 
 impl LinkSessions {
+    /// No sessions; records go through `bus`.
+    pub fn new(bus: Arc<dyn Bus>) -> Self {
+        Self {
+            map: Mutex::default(),
+            bus,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<[u8; 16], LinkSession>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Opens a session; `None` if too many are open.
-    pub fn open(&self, reference: [u8; 16], session: LinkSession) -> Option<()> {
-        let mut map = self.lock();
-        if map.len() >= MAX_LINK_SESSIONS {
-            let now = Instant::now();
-            map.retain(|_, s| s.expires > now);
+    /// Opens a session; `None` if too many are open (or the cluster cannot record it).
+    pub async fn open(&self, reference: [u8; 16], session: LinkSession) -> Option<()> {
+        {
+            let mut map = self.lock();
             if map.len() >= MAX_LINK_SESSIONS {
+                let now = crate::now_ms();
+                map.retain(|_, s| s.expires_ms > now);
+                if map.len() >= MAX_LINK_SESSIONS {
+                    return None;
+                }
+            }
+            map.insert(reference, session.clone());
+        }
+        if self.bus.clustered() {
+            let record = LinkRecord::of(&session).encode_to_vec();
+            if let Err(e) = self
+                .bus
+                .put_record(Bucket::Links, &hex::encode(reference), record)
+                .await
+            {
+                tracing::warn!(error = %e, "link session not recorded");
+                self.lock().remove(&reference);
                 return None;
             }
         }
-        map.insert(reference, session);
         Some(())
     }
 
-    /// A live session.
-    pub fn get(&self, reference: &[u8; 16]) -> Option<LinkSession> {
-        let mut map = self.lock();
-        match map.get(reference) {
-            Some(s) if s.expires > Instant::now() => Some(s.clone()),
-            Some(_) => {
-                map.remove(reference);
-                None
+    /// The session held by this node (its companion connected here), live or not.
+    pub fn local(&self, reference: &[u8; 16]) -> Option<LinkSession> {
+        self.lock().get(reference).cloned()
+    }
+
+    /// A live session, wherever its companion is connected.
+    pub async fn get(&self, reference: &[u8; 16]) -> Option<LinkSession> {
+        let now = crate::now_ms();
+        let local = self.local(reference);
+        let session = if self.bus.clustered() {
+            let bytes = self
+                .bus
+                .get_record(Bucket::Links, &hex::encode(reference))
+                .await
+                .ok()??;
+            let r = LinkRecord::decode(bytes.as_slice()).ok()?;
+            LinkSession {
+                companion: local
+                    .and_then(|l| l.companion)
+                    .filter(|_| r.node == self.bus.node_id()),
+                node: r.node,
+                companion_noise: r.companion_noise.as_slice().try_into().ok()?,
+                expires_ms: r.expires_ms,
+                offered_by: PhoneNumber::from_e164(&r.offered_by).ok(),
             }
-            None => None,
+        } else {
+            local?
+        };
+        if session.expires_ms > now {
+            Some(session)
+        } else {
+            self.lock().remove(reference);
+            None
         }
     }
 
-    /// Records the primary that offered its account.
-    pub fn set_offer(&self, reference: &[u8; 16], phone: PhoneNumber, conn: Arc<ConnShared>) {
-        if let Some(s) = self.lock().get_mut(reference) {
-            s.offered_by = Some((phone, conn));
+    /// Records the account whose primary offered itself.
+    pub async fn set_offer(&self, reference: &[u8; 16], phone: PhoneNumber) {
+        let updated = {
+            let mut map = self.lock();
+            map.get_mut(reference).map(|s| {
+                s.offered_by = Some(phone.clone());
+                s.clone()
+            })
+        };
+        if self.bus.clustered() {
+            let session = match updated {
+                Some(s) => Some(s),
+                None => self.get(reference).await.map(|mut s| {
+                    s.offered_by = Some(phone);
+                    s
+                }),
+            };
+            if let Some(s) = session {
+                let record = LinkRecord::of(&s).encode_to_vec();
+                if let Err(e) = self
+                    .bus
+                    .put_record(Bucket::Links, &hex::encode(reference), record)
+                    .await
+                {
+                    tracing::warn!(error = %e, "link offer not recorded");
+                }
+            }
         }
     }
 
     /// Ends a session.
-    pub fn close(&self, reference: &[u8; 16]) -> Option<LinkSession> {
-        self.lock().remove(reference)
+    pub async fn close(&self, reference: &[u8; 16]) {
+        self.lock().remove(reference);
+        if self.bus.clustered()
+            && let Err(e) = self
+                .bus
+                .delete_record(Bucket::Links, &hex::encode(reference))
+                .await
+        {
+            tracing::debug!(error = %e, "link session record not deleted");
+        }
+    }
+
+    /// Pushes to the session's companion, on whichever node it is connected; false if it is gone.
+    pub async fn push_to_companion(
+        &self,
+        reference: &[u8; 16],
+        session: &LinkSession,
+        push: natter_proto::wire::Push,
+    ) -> bool {
+        if let Some(conn) = &session.companion {
+            return conn.send(ConnEvent::push(push));
+        }
+        if !self.bus.clustered() {
+            return false;
+        }
+        let msg = BusMessage::new(Body::LinkPush(messages::LinkPush {
+            reference: reference.to_vec(),
+            push: push.encode_to_vec(),
+        }));
+        matches!(
+            self.bus.request(&session.node, &msg).await,
+            Ok(BusMessage {
+                body: Some(Body::Done(messages::Done { ok: true }))
+            })
+        )
     }
 }
 
@@ -111,32 +253,44 @@ impl Watchers {
 }
 
 /// Device ids per account, cached for the send path (which checks every message's device set). Every
-/// change of an account's devices invalidates its entry. A read that raced an invalidation is not
-/// cached, thanks to a per-shard generation.
+/// change of an account's devices invalidates its entry, on every node (the invalidation is broadcast on
+/// the bus). A read that raced an invalidation is not cached, thanks to a per-shard generation. In a
+/// cluster entries also expire after [`CLUSTER_CACHE_TTL`], in case an invalidation was lost.
 #[derive(Debug)]
 pub struct DeviceCache {
     shards: Vec<Mutex<CacheShard>>,
+    bus: Arc<dyn Bus>,
+    ttl: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Default)]
 struct CacheShard {
     generation: u64,
-    map: HashMap<PhoneNumber, Arc<[natter_proto::DeviceId]>>,
+    map: HashMap<PhoneNumber, (Arc<[natter_proto::DeviceId]>, std::time::Instant)>,
 }
 
 const CACHE_SHARDS: usize = 64;
 /// Entries per shard before the shard starts over (a cache, not a store).
 const CACHE_SHARD_CAP: usize = 65_536;
+/// How long a cached entry lives in a cluster.
+pub const CLUSTER_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Default for DeviceCache {
     fn default() -> Self {
-        Self {
-            shards: (0..CACHE_SHARDS).map(|_| Mutex::default()).collect(),
-        }
+        Self::new(Arc::new(crate::bus::LocalBus::default()))
     }
 }
 
 impl DeviceCache {
+    /// An empty cache whose invalidations go to every node of `bus`.
+    pub fn new(bus: Arc<dyn Bus>) -> Self {
+        Self {
+            shards: (0..CACHE_SHARDS).map(|_| Mutex::default()).collect(),
+            ttl: bus.clustered().then_some(CLUSTER_CACHE_TTL),
+            bus,
+        }
+    }
+
     fn shard(&self, phone: &PhoneNumber) -> MutexGuard<'_, CacheShard> {
         use std::hash::{DefaultHasher, Hash, Hasher};
         let mut h = DefaultHasher::new();
@@ -149,7 +303,10 @@ impl DeviceCache {
     /// The cached ids, or the generation to hand back to [`DeviceCache::insert`] after a store read.
     pub fn get(&self, phone: &PhoneNumber) -> Result<Arc<[natter_proto::DeviceId]>, u64> {
         let shard = self.shard(phone);
-        shard.map.get(phone).cloned().ok_or(shard.generation)
+        match shard.map.get(phone) {
+            Some((ids, at)) if self.ttl.is_none_or(|ttl| at.elapsed() < ttl) => Ok(ids.clone()),
+            _ => Err(shard.generation),
+        }
     }
 
     /// Caches ids read from the store, unless the account changed since `generation`.
@@ -161,14 +318,41 @@ impl DeviceCache {
         if shard.map.len() >= CACHE_SHARD_CAP {
             shard.map.clear();
         }
-        shard.map.insert(phone.clone(), ids);
+        shard
+            .map
+            .insert(phone.clone(), (ids, std::time::Instant::now()));
     }
 
-    /// Forgets an account's devices (they changed).
+    /// Forgets an account's devices (they changed), here and on every other node.
     pub fn invalidate(&self, phone: &PhoneNumber) {
+        self.invalidate_local(phone);
+        if self.bus.clustered() {
+            let bus = self.bus.clone();
+            let msg = BusMessage::new(Body::Invalidate(messages::Account {
+                phone: phone.as_str().to_owned(),
+            }));
+            tokio::spawn(async move {
+                if let Err(e) = bus.broadcast(&msg).await {
+                    tracing::warn!(error = %e, "cache invalidation not broadcast");
+                }
+            });
+        }
+    }
+
+    /// Forgets an account's devices on this node only.
+    pub fn invalidate_local(&self, phone: &PhoneNumber) {
         let mut shard = self.shard(phone);
         shard.generation += 1;
         shard.map.remove(phone);
+    }
+
+    /// Forgets everything (invalidations may have been lost while the bus was down).
+    pub fn clear(&self) {
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            shard.generation += 1;
+            shard.map.clear();
+        }
     }
 }
 

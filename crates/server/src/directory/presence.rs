@@ -2,6 +2,10 @@
 //! account's last device left, and which connections follow which account. Changes are pushed to the
 //! followers that the account's privacy settings and blocks allow, checked at every push, so a block or a
 //! stricter setting takes effect at once.
+//!
+//! In a cluster each node counts its own connections and learns the other nodes' online accounts from
+//! the bus (changes, snapshots, heartbeats; see [`crate::bus::inbound`]); an account is online if any live
+//! node has it. A node that falls silent takes its accounts offline with it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -37,6 +41,38 @@ struct Inner {
     followers: HashMap<PhoneNumber, HashMap<u64, Follower>>,
     /// Connection id → the accounts it follows (to clean up when it closes).
     following: HashMap<u64, HashSet<PhoneNumber>>,
+    /// Other nodes: when last heard of, and the accounts online there.
+    remote: HashMap<String, RemoteNode>,
+    /// Last seen on other nodes, per account.
+    remote_last_seen: HashMap<PhoneNumber, u64>,
+}
+
+#[derive(Debug)]
+struct RemoteNode {
+    heard: std::time::Instant,
+    online: HashSet<PhoneNumber>,
+}
+
+impl Inner {
+    fn online_remotely(&self, owner: &PhoneNumber) -> bool {
+        self.remote.values().any(|n| n.online.contains(owner))
+    }
+
+    fn is_online(&self, owner: &PhoneNumber) -> bool {
+        self.accounts.get(owner).is_some_and(|p| p.online > 0) || self.online_remotely(owner)
+    }
+
+    fn node(&mut self, node: &str) -> &mut RemoteNode {
+        let n = self
+            .remote
+            .entry(node.to_owned())
+            .or_insert_with(|| RemoteNode {
+                heard: std::time::Instant::now(),
+                online: HashSet::new(),
+            });
+        n.heard = std::time::Instant::now();
+        n
+    }
 }
 
 /// Presence of every account, and who follows it.
@@ -71,16 +107,116 @@ impl Presence {
 
     /// The presence of `owner` as anyone allowed sees it.
     pub fn state(&self, owner: &PhoneNumber) -> PresenceState {
-        let p = self.lock().accounts.get(owner).copied().unwrap_or_default();
+        let inner = self.lock();
+        let p = inner.accounts.get(owner).copied().unwrap_or_default();
+        let online = p.online > 0 || inner.online_remotely(owner);
+        let last_seen = p
+            .last_seen_ms
+            .max(inner.remote_last_seen.get(owner).copied().unwrap_or(0));
         PresenceState {
             phone: owner.as_str().to_owned(),
-            availability: if p.online > 0 {
+            availability: if online {
                 Availability::Online
             } else {
                 Availability::Offline
             } as i32,
-            last_seen_ms: if p.online > 0 { 0 } else { p.last_seen_ms },
+            last_seen_ms: if online { 0 } else { last_seen },
         }
+    }
+
+    /// Accounts with a device connected to this node.
+    pub fn local_online(&self) -> Vec<PhoneNumber> {
+        self.lock()
+            .accounts
+            .iter()
+            .filter(|(_, p)| p.online > 0)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Another node is alive.
+    pub fn heard_from(&self, node: &str) {
+        self.lock().node(node);
+    }
+
+    /// An account came online or went offline on another node. Returns whether its presence as seen
+    /// from here changed.
+    pub fn remote_change(
+        &self,
+        node: &str,
+        owner: &PhoneNumber,
+        online: bool,
+        last_seen_ms: u64,
+    ) -> bool {
+        let mut inner = self.lock();
+        let before = inner.is_online(owner);
+        let n = inner.node(node);
+        if online {
+            n.online.insert(owner.clone());
+        } else {
+            n.online.remove(owner);
+            let seen = inner.remote_last_seen.entry(owner.clone()).or_default();
+            *seen = (*seen).max(last_seen_ms);
+        }
+        before != inner.is_online(owner)
+    }
+
+    /// The accounts online on another node (a part of its snapshot; the first part replaces what was
+    /// known). Returns the accounts whose presence as seen from here changed.
+    pub fn remote_snapshot(
+        &self,
+        node: &str,
+        first: bool,
+        phones: Vec<PhoneNumber>,
+        now_ms: u64,
+    ) -> Vec<PhoneNumber> {
+        let mut inner = self.lock();
+        let old = if first {
+            std::mem::take(&mut inner.node(node).online)
+        } else {
+            HashSet::new()
+        };
+        let mut changed = Vec::new();
+        for p in &phones {
+            let was = inner.is_online(p) || old.contains(p);
+            inner.node(node).online.insert(p.clone());
+            if !was {
+                changed.push(p.clone());
+            }
+        }
+        for p in old {
+            if !inner.is_online(&p) {
+                inner.remote_last_seen.insert(p.clone(), now_ms);
+                changed.push(p);
+            }
+        }
+        changed
+    }
+
+    /// Forgets the nodes not heard of for `silence`: their accounts go offline, last seen `now_ms`.
+    /// Returns the accounts whose presence as seen from here changed.
+    pub fn expire_nodes(&self, silence: std::time::Duration, now_ms: u64) -> Vec<PhoneNumber> {
+        let mut inner = self.lock();
+        let dead: Vec<String> = inner
+            .remote
+            .iter()
+            .filter(|(_, n)| n.heard.elapsed() > silence)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut changed = Vec::new();
+        for node in dead {
+            tracing::info!(node = %node, "node silent: its accounts go offline");
+            let Some(n) = inner.remote.remove(&node) else {
+                continue;
+            };
+            for p in n.online {
+                if !inner.is_online(&p) {
+                    inner.remote_last_seen.insert(p.clone(), now_ms);
+                    changed.push(p);
+                }
+            }
+        }
+        changed
     }
 
     /// The presence of `owner` as `viewer` may see it.

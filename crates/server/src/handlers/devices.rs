@@ -2,18 +2,18 @@
 //! them; `PublishDeviceList`, `RemoveSelf` and `ListOwnDevices` change and show the caller's own.
 
 use natter_proto::device_list::DeviceListContent;
-use natter_proto::limits::MAX_DEVICES_PER_ACCOUNT;
+
 use natter_proto::wire::{
-    DeviceListChanged, DeviceListPublished, DeviceStatus, Devices, Done, Error, ErrorCode,
-    GetDevices, LinkDone, ListOwnDevices, OwnDevices, PublishDeviceList, Push, RemoveSelf,
-    SignedDeviceList, push, response,
+    DeviceListPublished, DeviceStatus, Devices, Done, Error, ErrorCode, GetDevices, LinkDone,
+    ListOwnDevices, OwnDevices, PublishDeviceList, Push, RemoveSelf, SignedDeviceList, push,
+    response,
 };
 use natter_proto::{DeviceId, PhoneNumber};
 use prost::Message;
 
 use super::register::unknown_account;
 use super::{RequestCtx, bad_request, store_error};
-use crate::delivery::ConnEvent;
+
 use crate::store::{DeviceListUpdate, DeviceRecord, StoreError};
 
 /// Serves an account's signed device list.
@@ -37,22 +37,24 @@ pub async fn get_devices(ctx: &RequestCtx, r: GetDevices) -> Result<response::Bo
 }
 
 /// Tells every online device that follows `phone` (and `phone`'s own devices) that its list changed.
+/// Watchers are known to the node that served their request, so in a cluster every node is asked to
+/// tell the watchers it knows.
 pub fn notify_list_changed(state: &crate::ServerState, phone: &PhoneNumber) {
-    let push = || {
-        ConnEvent::push(Push {
-            body: Some(push::Body::DeviceListChanged(DeviceListChanged {
-                phone: phone.as_str().to_owned(),
-            })),
-        })
-    };
     let mut accounts = state.watchers.of(phone);
     accounts.push(phone.clone());
-    for account in accounts {
-        for id in 1..=MAX_DEVICES_PER_ACCOUNT as u32 {
-            if let Ok(device) = DeviceId::new(id) {
-                state.router.notify(&account, device, push());
+    crate::bus::inbound::notify_watchers(state, phone, accounts);
+    let bus = state.router.bus().clone();
+    if bus.clustered() {
+        let msg = crate::bus::messages::BusMessage::new(crate::bus::messages::Body::ListChanged(
+            crate::bus::messages::Account {
+                phone: phone.as_str().to_owned(),
+            },
+        ));
+        tokio::spawn(async move {
+            if let Err(e) = bus.broadcast(&msg).await {
+                tracing::warn!(error = %e, "device-list change not broadcast");
             }
-        }
+        });
     }
 }
 
@@ -126,16 +128,13 @@ pub async fn publish_device_list(
             r.link_reference.as_slice().try_into().map_err(|_| {
                 bad_request("a new device needs the link reference that introduced it")
             })?;
-        let session = state.links.get(&reference).ok_or_else(|| {
+        let session = state.links.get(&reference).await.ok_or_else(|| {
             Error::new(
                 ErrorCode::LinkExpired,
                 "the link code expired before the list was published: link again",
             )
         })?;
-        let offered_by_us = session
-            .offered_by
-            .as_ref()
-            .is_some_and(|(p, _)| *p == login.phone);
+        let offered_by_us = session.offered_by.as_ref() == Some(&login.phone);
         if !offered_by_us || e.noise_key != session.companion_noise || link.is_some() {
             return Err(bad_request(
                 "a new device must be the companion this primary linked",
@@ -179,13 +178,17 @@ pub async fn publish_device_list(
         );
     }
     if let Some((reference, session, id)) = link {
-        state.links.close(&reference);
-        session.companion.send(ConnEvent::push(Push {
+        let push = Push {
             body: Some(push::Body::LinkDone(LinkDone {
                 phone: login.phone.as_str().to_owned(),
                 device_id: id.get(),
             })),
-        }));
+        };
+        state
+            .links
+            .push_to_companion(&reference, &session, push)
+            .await;
+        state.links.close(&reference).await;
     }
     notify_list_changed(state, &login.phone);
     tracing::info!(version = content.version, "device list published");
@@ -218,18 +221,19 @@ pub async fn list_own_devices(
     _r: ListOwnDevices,
 ) -> Result<response::Body, Error> {
     let login = ctx.require_login()?;
-    let devices = ctx
+    let records = ctx
         .state
         .store
         .list_devices(&login.phone)
         .await
-        .map_err(store_error)?
-        .into_iter()
-        .map(|d| DeviceStatus {
+        .map_err(store_error)?;
+    let mut devices = Vec::with_capacity(records.len());
+    for d in records {
+        devices.push(DeviceStatus {
             device_id: d.device_id.get(),
             last_seen_ms: d.last_seen_ms,
-            online: ctx.state.router.get(&login.phone, d.device_id).is_some(),
-        })
-        .collect();
+            online: ctx.state.router.is_online(&login.phone, d.device_id).await,
+        });
+    }
     Ok(response::Body::OwnDevices(OwnDevices { devices }))
 }

@@ -9,7 +9,6 @@ use natter_proto::wire::{
     CreateLinkRef, Done, Error, ErrorCode, LinkAccept, LinkAccepted, LinkOffer, LinkOffered,
     LinkRef, Push, push, response,
 };
-use tokio::time::Instant;
 
 use super::{RequestCtx, bad_request};
 use crate::delivery::ConnEvent;
@@ -39,14 +38,16 @@ pub async fn create_link_ref(ctx: &RequestCtx, _r: CreateLinkRef) -> Result<resp
     getrandom::fill(&mut reference)
         .map_err(|_| Error::new(ErrorCode::Internal, "no randomness"))?;
     let session = LinkSession {
-        companion: ctx.conn.clone(),
+        node: ctx.state.router.bus().node_id().to_owned(),
+        companion: Some(ctx.conn.clone()),
         companion_noise: ctx.remote_static,
-        expires: Instant::now().into_std() + ctx.state.config.link_ttl,
+        expires_ms: crate::now_ms() + ctx.state.config.link_ttl.as_millis() as u64,
         offered_by: None,
     };
     ctx.state
         .links
         .open(reference, session)
+        .await
         .ok_or_else(|| Error::new(ErrorCode::Unavailable, "too many link sessions; retry"))?;
     Ok(response::Body::LinkRef(LinkRef {
         reference: reference.to_vec(),
@@ -67,23 +68,23 @@ pub async fn link_offer(ctx: &RequestCtx, r: LinkOffer) -> Result<response::Body
         return Err(bad_request("malformed link offer"));
     }
     let reference = reference(&r.reference)?;
-    let session = ctx.state.links.get(&reference).ok_or_else(expired)?;
+    let links = &ctx.state.links;
+    let session = links.get(&reference).await.ok_or_else(expired)?;
     if session.offered_by.is_some() {
         return Err(bad_request("this link code was already used"));
     }
-    let delivered = session.companion.send(ConnEvent::push(Push {
+    // Recorded first: the companion may answer before this request returns, on another node.
+    links.set_offer(&reference, login.phone.clone()).await;
+    let push = Push {
         body: Some(push::Body::LinkOffered(LinkOffered {
             reference: reference.to_vec(),
             sealed: r.sealed,
         })),
-    }));
-    if !delivered {
-        ctx.state.links.close(&reference);
+    };
+    if !links.push_to_companion(&reference, &session, push).await {
+        links.close(&reference).await;
         return Err(expired());
     }
-    ctx.state
-        .links
-        .set_offer(&reference, login.phone.clone(), ctx.conn.clone());
     Ok(response::Body::Done(Done {}))
 }
 
@@ -93,23 +94,29 @@ pub async fn link_accept(ctx: &RequestCtx, r: LinkAccept) -> Result<response::Bo
         return Err(bad_request("malformed link acceptance"));
     }
     let reference = reference(&r.reference)?;
-    let session = ctx.state.links.get(&reference).ok_or_else(expired)?;
-    if session.companion.id != ctx.conn.id {
+    let links = &ctx.state.links;
+    let session = links.get(&reference).await.ok_or_else(expired)?;
+    if session.companion.as_ref().map(|c| c.id) != Some(ctx.conn.id) {
         return Err(bad_request(
             "this link session belongs to another connection",
         ));
     }
-    let Some((_, primary)) = session.offered_by else {
+    let Some(primary) = session.offered_by else {
         return Err(bad_request("no primary has scanned this code yet"));
     };
-    let delivered = primary.send(ConnEvent::push(Push {
-        body: Some(push::Body::LinkAccepted(LinkAccepted {
-            reference: reference.to_vec(),
-            sealed: r.sealed,
-        })),
-    }));
+    // The primary is reached as the account's primary device, on whichever node it is connected.
+    let delivered = ctx.state.router.notify(
+        &primary,
+        DeviceId::PRIMARY,
+        ConnEvent::push(Push {
+            body: Some(push::Body::LinkAccepted(LinkAccepted {
+                reference: reference.to_vec(),
+                sealed: r.sealed,
+            })),
+        }),
+    );
     if !delivered {
-        ctx.state.links.close(&reference);
+        links.close(&reference).await;
         return Err(Error::new(
             ErrorCode::LinkExpired,
             "the primary device went away: start again",

@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use futures::StreamExt;
-use object_store::{GetOptions, GetRange, ObjectStore};
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -189,8 +189,13 @@ async fn put_blob(
         return with_offset(too_large(blob.size), blob.offset);
     }
 
-    let path = media.staging_path(&id);
-    let received = match write_body(&path, offset, blob.size, body).await {
+    let written = match media.staging() {
+        super::Staging::Files(_) => {
+            write_body(&media.staging_path(&id), offset, blob.size, body).await
+        }
+        super::Staging::Objects => write_part(&media, &id, offset, blob.size, body).await,
+    };
+    let received = match written {
         Ok(Written::Complete(n)) | Ok(Written::Interrupted(n)) => n,
         Ok(Written::TooLarge) => return with_offset(too_large(blob.size), blob.offset),
         Err(e) => return unavailable(e),
@@ -271,6 +276,57 @@ async fn write_body(
     }
     out.flush().await?;
     out.into_inner().sync_data().await?;
+    Ok(if interrupted {
+        Written::Interrupted(at)
+    } else {
+        Written::Complete(at)
+    })
+}
+
+/// Streams `body` into a staged part object at `offset` (object staging), never past `size`. A body that
+/// breaks off keeps what arrived (the part is completed with it); one that goes too far keeps nothing.
+async fn write_part(
+    media: &Media,
+    id: &str,
+    offset: u64,
+    size: u64,
+    body: Body,
+) -> std::io::Result<Written> {
+    let objects = media.objects();
+    let part = Media::part_path(id, offset);
+    let upload = objects
+        .put_multipart(&part)
+        .await
+        .map_err(std::io::Error::other)?;
+    let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, 8 * 1024 * 1024);
+    let mut at = offset;
+    let mut stream = body.into_data_stream();
+    let mut interrupted = false;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                tracing::debug!(error = %e, "blob upload body interrupted");
+                interrupted = true;
+                break;
+            }
+        };
+        if at.saturating_add(chunk.len() as u64) > size {
+            let _ = writer.abort().await;
+            return Ok(Written::TooLarge);
+        }
+        if let Err(e) = writer.wait_for_capacity(2).await {
+            let _ = writer.abort().await;
+            return Err(std::io::Error::other(e));
+        }
+        writer.write(&chunk);
+        at += chunk.len() as u64;
+    }
+    if at == offset {
+        let _ = writer.abort().await;
+    } else {
+        writer.finish().await.map_err(std::io::Error::other)?;
+    }
     Ok(if interrupted {
         Written::Interrupted(at)
     } else {

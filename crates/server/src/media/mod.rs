@@ -3,9 +3,14 @@
 //!
 //! - [`token`]: stateless HMAC tokens that allow one account to upload or download one blob.
 //! - [`http`]: the HTTP/1.1 service (`PUT`/`HEAD`/`GET /v1/blobs/{id}`).
-//! - [`Media`]: what both share: the blob store (an [`ObjectStore`], local files under `data_dir/blobs`
-//!   today), the staging directory for partial uploads (`data_dir/blobs-partial/{id}`), the token key
-//!   (`data_dir/blob.key`) and the grant URLs.
+//! - [`Media`]: what both share: the blob store (an [`ObjectStore`]: local files under `data_dir/blobs`
+//!   by default, or S3 with the `s3` feature), where partial uploads are staged, the token key
+//!   (`blob.key` in the key directory, shared by the nodes of a cluster) and the grant URLs.
+//!
+//! Staging: on local files, a partial upload is one file (`data_dir/blobs-partial/{id}`). On S3 the
+//! nodes share no disk, so each upload request's bytes become an object of their own
+//! (`partial/{id}/{offset}`): an upload begun through one node resumes through any other, and the
+//! last byte joins the parts into the blob.
 //!
 //! Grants are handed out over the chat connection (`handlers::media`). The server only ever sees
 //! ciphertext: media keys and plaintext digests travel inside end-to-end encrypted messages.
@@ -69,11 +74,20 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> MediaError + '_ {
     }
 }
 
+/// Where partial uploads wait for their last byte.
+#[derive(Debug)]
+pub enum Staging {
+    /// One file per blob in this directory (single node).
+    Files(PathBuf),
+    /// One object per upload request under `partial/{id}/` in the blob store (shared by all nodes).
+    Objects,
+}
+
 /// The media side of the server.
 pub struct Media {
     store: Arc<dyn Store>,
     objects: Arc<dyn ObjectStore>,
-    staging: PathBuf,
+    staging: Staging,
     tokens: TokenKey,
     base_url: String,
     quota_bytes: u64,
@@ -121,25 +135,36 @@ impl Drop for UploadGuard<'_> {
 }
 
 impl Media {
-    /// Opens the media side in `data_dir` (creating `blob.key`, `blobs/` and `blobs-partial/` on first
-    /// start), with grant URLs pointing at `http_addr`.
-    pub fn open(
+    /// Opens the media side: blobs in `blobs` (`None`: `data_dir/blobs`, staged in
+    /// `data_dir/blobs-partial`; or an `s3://` URL, see [`crate::ServerConfig::blobs`]), the token key
+    /// in `key_dir` (created on first start), grant URLs pointing at `http_addr`.
+    pub async fn open(
         data_dir: &Path,
+        key_dir: &Path,
+        blobs: Option<&str>,
         http_addr: SocketAddr,
         store: Arc<dyn Store>,
         quota_bytes: u64,
     ) -> Result<Media, MediaError> {
-        let blobs = data_dir.join("blobs");
-        let staging = data_dir.join("blobs-partial");
-        for dir in [&blobs, &staging] {
-            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        }
-        let objects: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&blobs)?);
+        let (objects, staging): (Arc<dyn ObjectStore>, Staging) = match blobs {
+            None => {
+                let blobs = data_dir.join("blobs");
+                let staging = data_dir.join("blobs-partial");
+                for dir in [&blobs, &staging] {
+                    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+                }
+                (
+                    Arc::new(LocalFileSystem::new_with_prefix(&blobs)?),
+                    Staging::Files(staging),
+                )
+            }
+            Some(url) => (s3::open(url)?, Staging::Objects),
+        };
         Ok(Media {
             store,
             objects,
             staging,
-            tokens: load_or_create_key(data_dir)?,
+            tokens: load_or_create_key(key_dir)?,
             base_url: format!("http://{http_addr}"),
             quota_bytes,
             uploading: Mutex::new(HashSet::new()),
@@ -166,9 +191,62 @@ impl Media {
         self.quota_bytes
     }
 
-    /// The staging file of a partial upload.
+    /// The staging file of a partial upload (local staging; with object staging, a path that is never
+    /// used).
     pub fn staging_path(&self, id: &str) -> PathBuf {
-        self.staging.join(id)
+        match &self.staging {
+            Staging::Files(dir) => dir.join(id),
+            Staging::Objects => PathBuf::from(id),
+        }
+    }
+
+    /// How partial uploads are staged.
+    pub fn staging(&self) -> &Staging {
+        &self.staging
+    }
+
+    /// The object holding the bytes of one upload request that began at `offset` (object staging).
+    pub fn part_path(id: &str, offset: u64) -> object_store::path::Path {
+        object_store::path::Path::from(format!("partial/{id}/{offset:020}"))
+    }
+
+    fn parts_prefix(id: &str) -> object_store::path::Path {
+        object_store::path::Path::from(format!("partial/{id}"))
+    }
+
+    /// The staged parts of a blob that chain from byte 0 to `size`, in order (object staging). Parts
+    /// left by a request whose offset was never recorded are skipped or were overwritten by its retry.
+    async fn chained_parts(
+        &self,
+        id: &str,
+        size: u64,
+    ) -> Result<Vec<object_store::path::Path>, MediaError> {
+        use futures::TryStreamExt;
+        let mut parts: Vec<(u64, object_store::ObjectMeta)> = self
+            .objects
+            .list(Some(&Self::parts_prefix(id)))
+            .try_filter_map(|m| async move {
+                let offset = m.location.filename().and_then(|f| f.parse::<u64>().ok());
+                Ok(offset.map(|o| (o, m)))
+            })
+            .try_collect()
+            .await?;
+        parts.sort_by_key(|(o, _)| *o);
+        let mut chain = Vec::new();
+        let mut at = 0u64;
+        for (offset, meta) in parts {
+            if offset == at && meta.size > 0 {
+                at += meta.size;
+                chain.push(meta.location);
+            }
+        }
+        if at != size {
+            return Err(MediaError::Io {
+                path: format!("partial/{id}"),
+                source: std::io::Error::other(format!("staged parts hold {at} bytes of {size}")),
+            });
+        }
+        Ok(chain)
     }
 
     /// Where a complete blob lives in the blob store.
@@ -211,7 +289,10 @@ impl Media {
     /// Moves a fully staged blob into the blob store, streaming (constant memory), then deletes the
     /// staging file. The record is not changed here.
     pub async fn finalize(&self, id: &str) -> Result<(), MediaError> {
-        let path = self.staging_path(id);
+        let Staging::Files(dir) = &self.staging else {
+            return self.finalize_parts(id).await;
+        };
+        let path = dir.join(id);
         let mut file = tokio::fs::File::open(&path).await.map_err(io_err(&path))?;
         let upload = self.objects.put_multipart(&Self::object_path(id)).await?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
@@ -234,13 +315,68 @@ impl Media {
         remove_if_exists(&path).await
     }
 
-    /// Deletes a blob's bytes: its object and its staging file (either may be missing).
+    /// Joins a blob's staged parts into the blob (object staging), streaming, then deletes them.
+    async fn finalize_parts(&self, id: &str) -> Result<(), MediaError> {
+        let size = self
+            .store
+            .get_blob(id)
+            .await?
+            .ok_or(StoreError::NoSuchBlob)?
+            .size;
+        let parts = self.chained_parts(id, size).await?;
+        let upload = self.objects.put_multipart(&Self::object_path(id)).await?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        for part in &parts {
+            let got = match self.objects.get(part).await {
+                Ok(got) => got,
+                Err(e) => {
+                    let _ = writer.abort().await;
+                    return Err(e.into());
+                }
+            };
+            let mut stream = got.into_stream();
+            while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = writer.abort().await;
+                        return Err(e.into());
+                    }
+                };
+                writer.wait_for_capacity(PARTS_IN_FLIGHT).await?;
+                writer.write(&chunk);
+            }
+        }
+        writer.finish().await?;
+        self.delete_parts(id).await
+    }
+
+    async fn delete_parts(&self, id: &str) -> Result<(), MediaError> {
+        use futures::TryStreamExt;
+        let parts: Vec<object_store::ObjectMeta> = self
+            .objects
+            .list(Some(&Self::parts_prefix(id)))
+            .try_collect()
+            .await?;
+        for p in parts {
+            match self.objects.delete(&p.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes a blob's bytes: its object and its staged bytes (either may be missing).
     pub async fn delete_bytes(&self, id: &str) -> Result<(), MediaError> {
         match self.objects.delete(&Self::object_path(id)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        remove_if_exists(&self.staging_path(id)).await
+        match &self.staging {
+            Staging::Files(dir) => remove_if_exists(&dir.join(id)).await,
+            Staging::Objects => self.delete_parts(id).await,
+        }
     }
 
     /// Deletes every blob expired at `now_ms`: its record first (so no new grant can name it), then its
@@ -271,41 +407,84 @@ async fn remove_if_exists(path: &Path) -> Result<(), MediaError> {
     }
 }
 
-/// Loads the blob token key from `dir/blob.key`, creating it (mode 0600) on first start.
+/// Loads the blob token key from `dir/blob.key`, creating it (mode 0600) on first start. Every node of a
+/// cluster must have the same one (a grant issued by one node is honoured by all).
 fn load_or_create_key(dir: &Path) -> Result<TokenKey, MediaError> {
     let path = dir.join("blob.key");
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            let key: [u8; 32] = bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| MediaError::BadKey(path.display().to_string()))?;
-            Ok(TokenKey::new(key))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut key = zeroize::Zeroizing::new([0u8; 32]);
-            getrandom::fill(key.as_mut_slice()).map_err(|e| MediaError::Random(e.to_string()))?;
-            let tmp = dir.join("blob.key.tmp");
-            write_private(&tmp, key.as_slice()).map_err(io_err(&tmp))?;
-            std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-            Ok(TokenKey::new(*key))
-        }
-        Err(e) => Err(io_err(&path)(e)),
-    }
+    let mut fresh = zeroize::Zeroizing::new([0u8; 32]);
+    getrandom::fill(fresh.as_mut_slice()).map_err(|e| MediaError::Random(e.to_string()))?;
+    let bytes =
+        crate::server::read_or_create_secret(&path, fresh.as_slice()).map_err(io_err(&path))?;
+    let key: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| MediaError::BadKey(path.display().to_string()))?;
+    Ok(TokenKey::new(key))
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
+/// The S3 blob store (cargo feature `s3`).
+mod s3 {
+    use std::sync::Arc;
+
+    use object_store::ObjectStore;
+
+    use super::MediaError;
+
+    fn bad(msg: String) -> MediaError {
+        MediaError::Io {
+            path: "--blobs".into(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, msg),
+        }
     }
-    let mut f = opts.open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
+
+    /// Opens `s3://BUCKET[/PREFIX][?endpoint=URL&region=R&skip_signature=true]`; credentials come from
+    /// the `AWS_*` environment variables.
+    #[cfg(feature = "s3")]
+    pub fn open(url: &str) -> Result<Arc<dyn ObjectStore>, MediaError> {
+        use object_store::aws::AmazonS3Builder;
+        let rest = url.strip_prefix("s3://").ok_or_else(|| {
+            bad(format!(
+                "{url}: expected s3://BUCKET[/PREFIX][?endpoint=URL]"
+            ))
+        })?;
+        let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
+        if bucket.is_empty() {
+            return Err(bad(format!("{url}: no bucket")));
+        }
+        // reqwest builds a rustls client, and two rustls providers are linked in: pick one.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let mut region = std::env::var("AWS_REGION")
+            .or_else(|_| std::env::var("AWS_DEFAULT_REGION"))
+            .unwrap_or_else(|_| "us-east-1".into());
+        for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+            match kv.split_once('=') {
+                Some(("endpoint", v)) => {
+                    b = b.with_endpoint(v).with_allow_http(v.starts_with("http://"));
+                }
+                Some(("region", v)) => region = v.to_owned(),
+                // Unsigned requests (a public bucket, or a local S3 stand-in in tests).
+                Some(("skip_signature", "true")) => b = b.with_skip_signature(true),
+                _ => return Err(bad(format!("{url}: unknown parameter {kv:?}"))),
+            }
+        }
+        let store: Arc<dyn ObjectStore> = Arc::new(b.with_region(region).build()?);
+        let prefix = prefix.trim_matches('/');
+        Ok(if prefix.is_empty() {
+            store
+        } else {
+            Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
+        })
+    }
+
+    /// Without the `s3` feature there is no S3 store.
+    #[cfg(not(feature = "s3"))]
+    pub fn open(url: &str) -> Result<Arc<dyn ObjectStore>, MediaError> {
+        Err(bad(format!(
+            "{url}: this natterd was built without the s3 feature"
+        )))
+    }
 }
 
 #[cfg(test)]

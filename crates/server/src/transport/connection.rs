@@ -265,6 +265,11 @@ impl Conn {
                 "this device opened a newer connection".into(),
             ));
         }
+        // Before the queue is read (the run loop's first resync), so no wake-up can miss this node.
+        state
+            .router
+            .claim(&login.phone, login.device, &self.shared)
+            .await;
         state
             .store
             .touch_device(&login.phone, login.device, crate::now_ms())
@@ -279,7 +284,7 @@ impl Conn {
         }
         tracing::debug!(device = %login.device, "logged in");
         if state.presence.connected(&login.phone) {
-            announce_presence(state, &login.phone);
+            crate::bus::inbound::presence_changed(state, &login.phone, true);
         }
         self.login = Some(login);
         self.resync_from = Some(0);
@@ -580,26 +585,19 @@ impl Conn {
             self.state
                 .router
                 .unregister(&login.phone, login.device, self.shared.id);
+            self.state
+                .router
+                .release(&login.phone, login.device, &self.shared);
             if self
                 .state
                 .presence
                 .disconnected(&login.phone, crate::now_ms())
             {
-                announce_presence(&self.state, &login.phone);
+                crate::bus::inbound::presence_changed(&self.state, &login.phone, false);
             }
             tracing::debug!(device = %login.device, "logged out");
         }
     }
-}
-
-/// Tells an account's followers that it came online or went offline (in the background).
-fn announce_presence(state: &Arc<ServerState>, phone: &PhoneNumber) {
-    let (state, phone) = (state.clone(), phone.clone());
-    tokio::spawn(async move {
-        if let Err(e) = state.presence.announce(&*state.store, &phone).await {
-            tracing::debug!(error = %e, "presence not announced");
-        }
-    });
 }
 
 fn push_frame(body: push::Body) -> Frame {
