@@ -513,6 +513,54 @@ async fn clients_on_two_nodes_exchange_messages_presence_and_link() {
     next_message(&mut alice_ev, WAIT, |m| m.text == "to both").await;
     next_message(&mut laptop_ev, WAIT, |m| m.text == "to both").await;
 
+    // A group spanning the nodes: Alice (phone on a, laptop on b), Bob and Carol (on b). A message from
+    // each side reaches every member device of the other.
+    let carol = device(&a, "+15550007003", &[&b]).await;
+    let g = bob
+        .client
+        .create_group("across", &[alice.phone.clone(), carol.phone.clone()])
+        .await
+        .unwrap();
+    bob.client
+        .send_group_text(&g.id, "group from b")
+        .await
+        .unwrap();
+    for (who, c) in [("alice", &alice), ("laptop", &companion), ("carol", &carol)] {
+        eventually(
+            WAIT,
+            &format!("{who} to get bob's group message"),
+            || async {
+                c.client
+                    .group_history(&g.id)
+                    .await
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|m| m.text == "group from b")
+            },
+        )
+        .await;
+    }
+    alice
+        .client
+        .send_group_text(&g.id, "group from a")
+        .await
+        .unwrap();
+    for (who, c) in [("bob", &bob), ("carol", &carol), ("laptop", &companion)] {
+        eventually(
+            WAIT,
+            &format!("{who} to get alice's group message"),
+            || async {
+                c.client
+                    .group_history(&g.id)
+                    .await
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|m| m.text == "group from a")
+            },
+        )
+        .await;
+    }
+
     // Alice's devices go offline: Bob sees it across the nodes.
     alice.client.disconnect().await;
     companion.client.disconnect().await;

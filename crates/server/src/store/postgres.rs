@@ -1975,8 +1975,10 @@ pub mod testing {
             } else {
                 '?'
             };
+            // The application name marks this schema's connections, so that dropping the schema can
+            // end the ones a test left behind (their pool's tasks may never run again).
             let url = format!(
-                "{}{sep}options=-c%20search_path%3D{schema}",
+                "{}{sep}options=-c%20search_path%3D{schema}&application_name={schema}",
                 parsed.driver_url
             );
             Ok(Some(TestSchema {
@@ -2024,6 +2026,21 @@ pub mod testing {
                     .map_err(|e| e.to_string())?;
                 rt.block_on(async {
                     let mut conn = PgConnection::connect(&admin)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    // Connections still open in the schema (a dropped pool closes its connections
+                    // asynchronously, on a runtime that may be gone) would hold locks the DROP waits
+                    // for: end them first, and never wait on a lock for long.
+                    sqlx::query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                    )
+                    .bind(&schema)
+                    .execute(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    sqlx::query("SET lock_timeout = '10s'")
+                        .execute(&mut conn)
                         .await
                         .map_err(|e| e.to_string())?;
                     sqlx::query(AssertSqlSafe(format!(
