@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: formatting, lints, and every unit and integration test of the workspace
-# (integration tests start real natterd servers on loopback ports).
+# (integration tests start real natterd servers on loopback ports; the cluster tests also PostgreSQL,
+# NATS and S3, which scripts/setup.sh installs and starts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,19 +9,12 @@ if ! command -v cargo >/dev/null; then
     echo "test: cargo is missing: install Rust from https://rustup.rs" >&2
     exit 1
 fi
-# A C compiler (bundled SQLite, ring) and the font natter-bench's plot test draws labels with.
-missing=()
-command -v cc >/dev/null || missing+=(build-essential)
-[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
-if ((${#missing[@]})) && command -v apt-get >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
-fi
+# Everything the suite needs (C compiler, font, cargo-deny, PostgreSQL, NATS, moto): installed and
+# started when missing. The cluster tests then fail, rather than skip, if a service is unreachable.
+# shellcheck source=scripts/setup.sh
+source scripts/setup.sh
 
 echo "== cargo deny check licenses bans sources (deny.toml)"
-if ! cargo deny --version >/dev/null 2>&1; then
-    echo "cargo-deny is missing: installing it (a few minutes, once)" >&2
-    cargo install --locked cargo-deny
-fi
 cargo deny check licenses bans sources
 
 echo "== cargo fmt --check"
