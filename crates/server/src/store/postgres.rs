@@ -470,6 +470,21 @@ async fn migrate_conn(conn: &mut PgConnection) -> StoreResult<i64> {
 }
 
 impl PgStore {
+    /// Whether `sql` (a `SELECT 1 … WHERE owner = $1 AND … = $2`) finds a row for the pair.
+    async fn pair_exists(
+        &self,
+        sql: &'static str,
+        owner: &PhoneNumber,
+        other: &PhoneNumber,
+    ) -> StoreResult<bool> {
+        let row: Option<i32> = sqlx::query_scalar(sql)
+            .bind(owner.as_str())
+            .bind(other.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(row.is_some())
+    }
     /// Connects to PostgreSQL at `url`, applies pending migrations and opens the pool.
     pub async fn open(url: &PgUrl) -> StoreResult<PgStore> {
         migrate(url).await?;
@@ -1661,14 +1676,12 @@ impl Store for PgStore {
     }
 
     async fn is_contact(&self, owner: &PhoneNumber, other: &PhoneNumber) -> StoreResult<bool> {
-        let row: Option<i32> =
-            sqlx::query_scalar("SELECT 1 FROM contacts WHERE owner = $1 AND contact = $2")
-                .bind(owner.as_str())
-                .bind(other.as_str())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db)?;
-        Ok(row.is_some())
+        self.pair_exists(
+            "SELECT 1 FROM contacts WHERE owner = $1 AND contact = $2",
+            owner,
+            other,
+        )
+        .await
     }
 
     async fn set_profile(
@@ -1757,14 +1770,12 @@ impl Store for PgStore {
     }
 
     async fn is_blocked(&self, owner: &PhoneNumber, other: &PhoneNumber) -> StoreResult<bool> {
-        let row: Option<i32> =
-            sqlx::query_scalar("SELECT 1 FROM blocks WHERE owner = $1 AND blocked = $2")
-                .bind(owner.as_str())
-                .bind(other.as_str())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db)?;
-        Ok(row.is_some())
+        self.pair_exists(
+            "SELECT 1 FROM blocks WHERE owner = $1 AND blocked = $2",
+            owner,
+            other,
+        )
+        .await
     }
 
     async fn blocked(&self, owner: &PhoneNumber) -> StoreResult<Vec<PhoneNumber>> {
