@@ -33,7 +33,7 @@ const FD_HEADROOM: usize = 500;
 const FD_LIMIT: usize = 20_000;
 
 /// This process's soft limit of open files.
-fn fd_limit() -> usize {
+pub(crate) fn fd_limit() -> usize {
     std::fs::read_to_string("/proc/self/limits")
         .ok()
         .and_then(|l| {

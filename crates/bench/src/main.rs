@@ -9,11 +9,22 @@
 //!   latency (p50/p99/p99.9/max), closed loop or at an offered rate (`--rate`).
 //! - `idle`: natterd's resident memory per idle connection, at N connections.
 //! - `register`: registrations per second; saves the devices' login keys for `idle --accounts-file`.
+//! - `offline`, `mixed`, `storm`: backlogs drained at once, idle connections under load, reconnection
+//!   storms (see their modules).
+//! - `group`: one group of up to 1,024 members, each logged in on its own connection; one member sends N
+//!   group messages (pre-encrypted Megolm), closed loop or at `--rate`: fan-out completion latency (send
+//!   until the last member has the push, and until the first), envelopes per second and per natterd
+//!   CPU-second, the sender's response time.
+//! - `ceilings`: this machine's limits with no natterd at all: 200-byte loopback TCP writes per second,
+//!   loopback one-way latency (RTT/2 of a ping-pong), kernel memory per idle TCP socket, CPU of a Noise
+//!   `XX` handshake (responder alone and both sides).
 //!
 //! Every run ends with one summary line on standard output (`key=value …`, or JSON with `--json`);
 //! progress goes to standard error. Only loopback servers are accepted. See BENCHMARKS.md.
 
 mod adapter;
+mod ceilings;
+mod group;
 mod idle;
 mod mixed;
 mod offline;
@@ -209,6 +220,61 @@ enum Scenario {
         #[arg(long)]
         accounts_file: Option<PathBuf>,
     },
+    /// Group fan-out: one member sends N messages to a group of up to 1,024 members, each logged in on
+    /// its own connection and acknowledging its pushes. Reports per message the time until the last
+    /// (and the first) member has it, envelopes per second and per server CPU-second, and the sender's
+    /// response time. Messages are real Megolm ciphertexts encrypted up front and replayed
+    /// (mode=pre-encrypted: natterd never decrypts group messages, members only acknowledge).
+    Group {
+        /// Members, the sender included (natterd allows 1,024 per group).
+        #[arg(long, default_value_t = 1024)]
+        members: usize,
+        /// Group messages the sender sends.
+        #[arg(long, default_value_t = 200)]
+        messages: u32,
+        /// Offered group messages per second (open loop, at most 64 unanswered; latency from the
+        /// scheduled send time). Without it: closed loop, one request at a time.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Closed loop: send the next message only once every member has the previous one (the
+        /// unloaded fan-out latency).
+        #[arg(long, conflicts_with = "rate")]
+        await_fanout: bool,
+        /// Members named per CreateGroup / UpdateGroup request (the rest are added with further
+        /// UpdateGroup requests; natterd takes up to 1,024 per request).
+        #[arg(long, default_value_t = natter_proto::limits::MAX_GROUP_MEMBERS)]
+        add_batch: usize,
+        /// Accepted for symmetry with `pairs`: group messages are always pre-encrypted.
+        #[arg(long)]
+        pre_encrypted: bool,
+        /// Bytes of text per message before Megolm encryption.
+        #[arg(long, default_value_t = 170)]
+        text_bytes: usize,
+        /// Members registered earlier with `register --save FILE` (the first is the sender).
+        #[arg(long)]
+        accounts_file: Option<PathBuf>,
+        /// Logins at once during setup.
+        #[arg(long, default_value_t = 64)]
+        connect_concurrency: usize,
+    },
+    /// This machine's ceilings, no natterd involved: 200-byte write(2) calls per second on one loopback
+    /// TCP connection (TCP_NODELAY; one writer thread, one reader thread), loopback one-way latency
+    /// (RTT/2 of a 200-byte ping-pong), kernel memory per idle connected TCP socket (growth of Slab in
+    /// /proc/meminfo plus TCP buffer pages in /proc/net/sockstat, machine-wide), and the CPU time of a
+    /// Noise XX handshake (natter-proto, in process; the responder's calls alone and both sides).
+    /// Pin it to one CPU with taskset if wanted.
+    Ceilings {
+        /// Seconds of the write test and of the ping-pong test each.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Connected loopback pairs held for the socket memory figure (two sockets each; this machine
+        /// caps a process at 20,000 open files).
+        #[arg(long, default_value_t = 5_000)]
+        socket_pairs: usize,
+        /// Noise XX handshakes to time.
+        #[arg(long, default_value_t = 2_000)]
+        handshakes: usize,
+    },
     /// Draws latency against offered load from a side-by-side run's runs.txt
     /// (scripts/bench-ejabberd.sh) as a PNG. Loads no server.
     Plot {
@@ -250,6 +316,33 @@ async fn run(cli: Cli) -> Result<()> {
             std::fs::read_to_string(runs).with_context(|| format!("reading {}", runs.display()))?;
         plot::draw(&plot::parse_runs(&text)?, out, font)?;
         println!("scenario=plot out={}", out.display());
+        return Ok(());
+    }
+    if let Scenario::Ceilings {
+        seconds,
+        socket_pairs,
+        handshakes,
+    } = cli.scenario
+    {
+        let load_before = stats::loadavg_1m();
+        let o = ceilings::CeilingsOptions {
+            seconds,
+            socket_pairs,
+            handshakes,
+        };
+        let mut summary = tokio::task::spawn_blocking(move || ceilings::run(&o)).await??;
+        if let (Some(a), Some(b)) = (load_before, stats::loadavg_1m()) {
+            summary.float("loadavg_1m_start", a, 2);
+            summary.float("loadavg_1m_end", b, 2);
+        }
+        println!(
+            "{}",
+            if cli.common.json {
+                summary.json()
+            } else {
+                summary.line()
+            }
+        );
         return Ok(());
     }
     let c = &cli.common;
@@ -452,7 +545,45 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await?
         }
+        Scenario::Group {
+            members,
+            messages,
+            rate,
+            await_fanout,
+            add_batch,
+            pre_encrypted: _,
+            text_bytes,
+            accounts_file,
+            connect_concurrency,
+        } => {
+            if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+                bail!("--rate must be a positive number of messages per second");
+            }
+            group::run(
+                &c.server,
+                sms,
+                group::GroupOptions {
+                    members,
+                    messages,
+                    rate,
+                    await_fanout,
+                    add_batch,
+                    text_bytes: text_bytes.min(natter_proto::limits::MAX_TEXT_BYTES),
+                    accounts: accounts_file
+                        .as_deref()
+                        .map(adapter::Credentials::load_all)
+                        .transpose()?,
+                    register_concurrency: c.register_concurrency,
+                    connect_concurrency,
+                    one_time_keys: c.one_time_keys,
+                    timeout,
+                    server,
+                },
+            )
+            .await?
+        }
         Scenario::Plot { .. } => bail!("plot loads no server"),
+        Scenario::Ceilings { .. } => bail!("ceilings loads no server"),
     };
     // Other processes on the same cores skew every figure: record how busy the machine was.
     if let (Some(a), Some(b)) = (load_before, stats::loadavg_1m()) {

@@ -336,7 +336,7 @@ async fn run_receiver(
 }
 
 /// Waits for the push that says the backlog is delivered (answering pings meanwhile).
-async fn wait_queue_empty(link: &mut Link) -> Result<()> {
+pub(crate) async fn wait_queue_empty(link: &mut Link) -> Result<()> {
     let deadline = Instant::now() + adapter::REQUEST_TIMEOUT;
     for _ in 0..10_000 {
         let f = tokio::time::timeout_at(deadline, link.recv())
