@@ -6,18 +6,22 @@
 #   2. pairs: the same with pre-encrypted ciphertexts replayed (loads the server alone);
 #   3. idle: registers 10,000 accounts, restarts natterd (so its baseline holds no registration garbage),
 #      then holds 10,000 logged-in idle connections for RSS per connection;
+#   4. group: one message after another to a group of 1,024 members (fan-out);
+#   5. ceilings: the machine's own limits (loopback writes and latency, kernel memory per socket, Noise
+#      handshake CPU), without natterd;
 # prints each summary line and stops natterd. Every run is bounded in time.
 #
-# Usage: scripts/bench.sh [pairs|idle|all]      (default all)
-# Environment: BENCH_PORT (15222), BENCH_PAIRS (100), BENCH_MESSAGES (per pair, 1000),
+# Usage: scripts/bench.sh [pairs|idle|group|ceilings|all]      (default all)
+# Environment: BENCH_PORT (15222; natterd's media port is the next one), BENCH_PAIRS (100),
+#   BENCH_MESSAGES (per pair, 1000), BENCH_GROUP_MEMBERS (1024), BENCH_GROUP_MESSAGES (200),
 #   BENCH_RATE (empty: closed loop; else messages/s offered), BENCH_CONNECTIONS (10000),
 #   BENCH_JSON=1 for JSON summary lines, BENCH_KEEP=1 to keep the temporary directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WHICH=${1:-all}
-case "$WHICH" in pairs | idle | all) ;; *)
-    echo "usage: scripts/bench.sh [pairs|idle|all]" >&2
+case "$WHICH" in pairs | idle | group | ceilings | all) ;; *)
+    echo "usage: scripts/bench.sh [pairs|idle|group|ceilings|all]" >&2
     exit 2
     ;;
 esac
@@ -32,6 +36,8 @@ PAIRS=${BENCH_PAIRS:-100}
 MESSAGES=${BENCH_MESSAGES:-1000}
 RATE=${BENCH_RATE:-}
 CONNECTIONS=${BENCH_CONNECTIONS:-10000}
+GROUP_MEMBERS=${BENCH_GROUP_MEMBERS:-1024}
+GROUP_MESSAGES=${BENCH_GROUP_MESSAGES:-200}
 TARGET=${CARGO_TARGET_DIR:-target}
 BIN="$TARGET/release"
 
@@ -78,7 +84,7 @@ start_natterd() {
     LOG="$dir/natterd.$STARTS.log"
     SMS="$dir/sms.log"
     "${SERVER_CPU[@]}" "$BIN/natterd" --data "$dir/data" --listen "127.0.0.1:$PORT" \
-        --sms-gateway "file:$SMS" \
+        --http-listen "127.0.0.1:$((PORT + 1))" --sms-gateway "file:$SMS" \
         --codes-per-ip-per-hour 1000000 --verifies-per-ip-per-hour 1000000 \
         --max-connections-per-ip 100000 --handshakes-per-ip-per-s 0 --sends-per-account-per-s 0 \
         >"$LOG" 2>&1 &
@@ -140,4 +146,17 @@ if [ "$WHICH" = idle ] || [ "$WHICH" = all ]; then
     bench idle --connections "$CONNECTIONS" --accounts-file "$WORK/idle/accounts" --timeout 600
     check_natterd_log idle
     stop_natterd
+fi
+
+if [ "$WHICH" = group ] || [ "$WHICH" = all ]; then
+    start_natterd group
+    echo "== group: $GROUP_MEMBERS members, $GROUP_MESSAGES messages one after another" >&2
+    bench group --members "$GROUP_MEMBERS" --messages "$GROUP_MESSAGES" "${RATE_ARGS[@]}" --timeout 300
+    check_natterd_log group
+    stop_natterd
+fi
+
+if [ "$WHICH" = ceilings ] || [ "$WHICH" = all ]; then
+    echo "== ceilings: loopback, kernel socket memory, Noise handshake (no natterd)" >&2
+    timeout --signal=INT --kill-after=30 600 "${BENCH_CPU[@]}" "$BIN/natter-bench" ceilings "${JSON[@]}"
 fi

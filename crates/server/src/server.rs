@@ -62,6 +62,8 @@ pub struct ServerState {
     pub watchers: crate::directory::Watchers,
     /// Device ids per account, for the send path.
     pub device_cache: crate::directory::DeviceCache,
+    /// Whom each account blocked, for the send path.
+    pub block_cache: crate::directory::BlockCache,
     /// Who is online, and who follows whom (in memory only).
     pub presence: crate::directory::presence::Presence,
     /// Contact-discovery quotas: numbers looked up per account and per IP per day.
@@ -106,6 +108,24 @@ impl ServerState {
             .collect();
         self.device_cache.insert(phone, ids.clone(), generation);
         Ok(ids)
+    }
+
+    /// Whether `owner` blocked `other`, from the cache when possible.
+    pub async fn is_blocked(
+        &self,
+        owner: &natter_proto::PhoneNumber,
+        other: &natter_proto::PhoneNumber,
+    ) -> Result<bool, crate::store::StoreError> {
+        let blocked = match self.block_cache.get(owner) {
+            Ok(blocked) => blocked,
+            Err(generation) => {
+                let blocked: std::sync::Arc<[natter_proto::PhoneNumber]> =
+                    self.store.blocked(owner).await?.into();
+                self.block_cache.insert(owner, blocked.clone(), generation);
+                blocked
+            }
+        };
+        Ok(blocked.contains(other))
     }
 
     /// A fresh connection id.
@@ -273,7 +293,8 @@ impl Server {
             registration: Registration::new(gateway, config.registration.clone()),
             links: crate::directory::LinkSessions::new(bus.clone()),
             watchers: Default::default(),
-            device_cache: crate::directory::DeviceCache::new(bus),
+            device_cache: crate::directory::DeviceCache::new(bus.clone()),
+            block_cache: crate::directory::BlockCache::new(bus),
             presence: Default::default(),
             discovery: crate::handlers::social::DiscoveryQuotas::new(&config),
             noise_key,

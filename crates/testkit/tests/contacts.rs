@@ -499,4 +499,22 @@ async fn a_blocked_peer_cannot_deliver_and_read_receipts_can_be_off() {
         MessageStatus::Delivered,
         "alice is shown no read receipt"
     );
+
+    // Blocked again after messages flowed (natterd had cached that Alice blocks nobody): refused at once.
+    alice.client.block(&bob.phone, true).await.unwrap();
+    let blocked_again = bob.client.send_text(&alice.phone, "again?").await;
+    match blocked_again {
+        Err(e) => assert_eq!(e.server_code(), Some(ErrorCode::Blocked), "{e}"),
+        Ok(m) => {
+            eventually(WAIT, "the message to fail", || async {
+                bob.client
+                    .history(&alice.phone)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .any(|x| x.id == m.id && x.status == MessageStatus::Failed)
+            })
+            .await;
+        }
+    }
 }

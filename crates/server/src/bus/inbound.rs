@@ -113,6 +113,7 @@ async fn message(state: &Arc<ServerState>, msg: BusMessage) -> bool {
         Some(Body::Invalidate(a)) => {
             if let Ok(phone) = PhoneNumber::from_e164(&a.phone) {
                 state.device_cache.invalidate_local(&phone);
+                state.block_cache.invalidate_local(&phone);
             }
             true
         }
@@ -182,6 +183,7 @@ async fn reconnected(state: &Arc<ServerState>) {
         tracing::warn!(error = %e, "bus records not reopened");
     }
     state.device_cache.clear();
+    state.block_cache.clear();
     let sync = BusMessage::new(Body::SyncRequest(messages::Heartbeat {
         node: bus.node_id().to_owned(),
     }));

@@ -6,16 +6,16 @@
 //! is not connected here is looked up in the bus's routing records and its node gets a wake-up (or the
 //! push, or the kick) over the [`crate::bus::Bus`]. Callers do not see the difference.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use natter_proto::limits::MAX_UNACKED_PUSHES;
 use natter_proto::wire::{Push, Response};
 use natter_proto::{DeviceId, PhoneNumber};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::bus::Bus;
 use crate::bus::messages::{self, Body, BusMessage};
@@ -47,36 +47,87 @@ impl ConnEvent {
 }
 
 /// The sending side of a connection, held by the router.
+///
+/// Its event queue is a plain `VecDeque` behind a mutex with a [`Notify`]: it allocates nothing while
+/// empty and is taken whole by the driver, so an idle connection holds no queue memory (a Tokio channel
+/// keeps a block of 32 slots per connection for its whole life).
 #[derive(Debug)]
 pub struct ConnShared {
     /// Unique per connection.
     pub id: u64,
-    tx: mpsc::UnboundedSender<ConnEvent>,
+    events: Mutex<VecDeque<ConnEvent>>,
+    notify: Notify,
+    /// The driver is gone: events are refused.
+    closed: AtomicBool,
     queued: AtomicUsize,
     resync_from: AtomicU64,
     /// Revision of the routing record this connection wrote (cluster mode; 0 if none).
     route_revision: AtomicU64,
 }
 
+/// The driver's side of a connection's event queue; closes the queue when dropped.
+#[derive(Debug)]
+pub struct ConnEvents {
+    shared: Arc<ConnShared>,
+}
+
+impl ConnEvents {
+    /// Waits until events may be queued (cancel safe: a wake-up that finds nothing is harmless, and one
+    /// given while nobody waits is kept for the next wait).
+    pub async fn ready(&self) {
+        if !self.shared.lock_events().is_empty() {
+            return;
+        }
+        self.shared.notify.notified().await;
+    }
+
+    /// Every queued event, oldest first; the queue keeps no capacity afterwards.
+    pub fn take(&self) -> VecDeque<ConnEvent> {
+        std::mem::take(&mut *self.shared.lock_events())
+    }
+}
+
+impl Drop for ConnEvents {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        drop(self.take());
+    }
+}
+
 impl ConnShared {
-    /// A new connection's shared half and the receiver its driver reads.
-    pub fn new(id: u64) -> (Arc<Self>, mpsc::UnboundedReceiver<ConnEvent>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (
-            Arc::new(Self {
-                id,
-                tx,
-                queued: AtomicUsize::new(0),
-                resync_from: AtomicU64::new(u64::MAX),
-                route_revision: AtomicU64::new(0),
-            }),
-            rx,
-        )
+    /// A new connection's shared half and the event queue its driver reads.
+    pub fn new(id: u64) -> (Arc<Self>, ConnEvents) {
+        let shared = Arc::new(Self {
+            id,
+            events: Mutex::new(VecDeque::new()),
+            notify: Notify::new(),
+            closed: AtomicBool::new(false),
+            queued: AtomicUsize::new(0),
+            resync_from: AtomicU64::new(u64::MAX),
+            route_revision: AtomicU64::new(0),
+        });
+        let events = ConnEvents {
+            shared: Arc::clone(&shared),
+        };
+        (shared, events)
+    }
+
+    fn lock_events(&self) -> std::sync::MutexGuard<'_, VecDeque<ConnEvent>> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues an event for the driver; false if the connection is gone.
     pub fn send(&self, ev: ConnEvent) -> bool {
-        self.tx.send(ev).is_ok()
+        {
+            let mut q = self.lock_events();
+            // Checked under the lock: the driver's drop sets `closed` before it empties the queue.
+            if self.closed.load(Ordering::Acquire) {
+                return false;
+            }
+            q.push_back(ev);
+        }
+        self.notify.notify_one();
+        true
     }
 
     /// Hands an envelope to the driver, or, when the driver is already behind, marks where it must
@@ -370,13 +421,13 @@ mod tests {
 
     #[test]
     fn a_stuck_connection_gets_a_resync_mark_instead_of_unbounded_memory() {
-        let (conn, mut rx) = ConnShared::new(1);
+        let (conn, rx) = ConnShared::new(1);
         for seq in 1..=(MAX_UNACKED_PUSHES as u64 + 10) {
             conn.deliver(Arc::new(env(seq)));
         }
         let mut envelopes = 0;
         let mut resyncs = 0;
-        while let Ok(ev) = rx.try_recv() {
+        for ev in rx.take() {
             match ev {
                 ConnEvent::Envelope(_) => envelopes += 1,
                 ConnEvent::Resync => resyncs += 1,
@@ -387,6 +438,41 @@ mod tests {
         assert_eq!(resyncs, 1);
         assert_eq!(conn.take_resync_mark(), Some(MAX_UNACKED_PUSHES as u64 + 1));
         assert_eq!(conn.take_resync_mark(), None);
+    }
+
+    #[tokio::test]
+    async fn events_arrive_in_order_and_a_closed_queue_refuses_more() {
+        let (conn, rx) = ConnShared::new(1);
+        assert!(rx.take().is_empty());
+        assert!(conn.send(ConnEvent::Acked(vec![1])));
+        assert!(conn.send(ConnEvent::Acked(vec![2])));
+        // A wake-up given before the wait is kept.
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.ready())
+            .await
+            .unwrap();
+        let got: Vec<_> = rx
+            .take()
+            .into_iter()
+            .map(|ev| match ev {
+                ConnEvent::Acked(ids) => ids[0],
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(got, vec![1, 2]);
+        let waiter = {
+            let conn = Arc::clone(&conn);
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                conn.send(ConnEvent::Resync)
+            })
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.ready())
+            .await
+            .unwrap();
+        assert!(waiter.await.unwrap());
+        assert_eq!(rx.take().len(), 1);
+        drop(rx);
+        assert!(!conn.send(ConnEvent::Resync));
     }
 
     #[test]

@@ -252,21 +252,36 @@ impl Watchers {
     }
 }
 
-/// Device ids per account, cached for the send path (which checks every message's device set). Every
-/// change of an account's devices invalidates its entry, on every node (the invalidation is broadcast on
-/// the bus). A read that raced an invalidation is not cached, thanks to a per-shard generation. In a
-/// cluster entries also expire after [`CLUSTER_CACHE_TTL`], in case an invalidation was lost.
+/// Something per account, cached for the send path (which checks every message's device set and that
+/// the recipient did not block the sender). Every change invalidates the account's entry, on every node
+/// (the invalidation is broadcast on the bus). A read that raced an invalidation is not cached, thanks to
+/// a per-shard generation. In a cluster entries also expire after [`CLUSTER_CACHE_TTL`], in case an
+/// invalidation was lost.
 #[derive(Debug)]
-pub struct DeviceCache {
-    shards: Vec<Mutex<CacheShard>>,
+pub struct AccountCache<V> {
+    shards: Vec<Mutex<CacheShard<V>>>,
     bus: Arc<dyn Bus>,
     ttl: Option<std::time::Duration>,
 }
 
-#[derive(Debug, Default)]
-struct CacheShard {
+/// Device ids per account.
+pub type DeviceCache = AccountCache<Arc<[natter_proto::DeviceId]>>;
+/// The numbers each account blocked (usually none).
+pub type BlockCache = AccountCache<Arc<[PhoneNumber]>>;
+
+#[derive(Debug)]
+struct CacheShard<V> {
     generation: u64,
-    map: HashMap<PhoneNumber, (Arc<[natter_proto::DeviceId]>, std::time::Instant)>,
+    map: HashMap<PhoneNumber, (V, std::time::Instant)>,
+}
+
+impl<V> Default for CacheShard<V> {
+    fn default() -> Self {
+        Self {
+            generation: 0,
+            map: HashMap::new(),
+        }
+    }
 }
 
 const CACHE_SHARDS: usize = 64;
@@ -275,13 +290,13 @@ const CACHE_SHARD_CAP: usize = 65_536;
 /// How long a cached entry lives in a cluster.
 pub const CLUSTER_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
-impl Default for DeviceCache {
+impl<V: Clone> Default for AccountCache<V> {
     fn default() -> Self {
         Self::new(Arc::new(crate::bus::LocalBus::default()))
     }
 }
 
-impl DeviceCache {
+impl<V: Clone> AccountCache<V> {
     /// An empty cache whose invalidations go to every node of `bus`.
     pub fn new(bus: Arc<dyn Bus>) -> Self {
         Self {
@@ -291,7 +306,7 @@ impl DeviceCache {
         }
     }
 
-    fn shard(&self, phone: &PhoneNumber) -> MutexGuard<'_, CacheShard> {
+    fn shard(&self, phone: &PhoneNumber) -> MutexGuard<'_, CacheShard<V>> {
         use std::hash::{DefaultHasher, Hash, Hasher};
         let mut h = DefaultHasher::new();
         phone.hash(&mut h);
@@ -300,8 +315,8 @@ impl DeviceCache {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The cached ids, or the generation to hand back to [`DeviceCache::insert`] after a store read.
-    pub fn get(&self, phone: &PhoneNumber) -> Result<Arc<[natter_proto::DeviceId]>, u64> {
+    /// The cached value, or the generation to hand back to [`AccountCache::insert`] after a store read.
+    pub fn get(&self, phone: &PhoneNumber) -> Result<V, u64> {
         let shard = self.shard(phone);
         match shard.map.get(phone) {
             Some((ids, at)) if self.ttl.is_none_or(|ttl| at.elapsed() < ttl) => Ok(ids.clone()),
@@ -309,8 +324,8 @@ impl DeviceCache {
         }
     }
 
-    /// Caches ids read from the store, unless the account changed since `generation`.
-    pub fn insert(&self, phone: &PhoneNumber, ids: Arc<[natter_proto::DeviceId]>, generation: u64) {
+    /// Caches a value read from the store, unless the account changed since `generation`.
+    pub fn insert(&self, phone: &PhoneNumber, ids: V, generation: u64) {
         let mut shard = self.shard(phone);
         if shard.generation != generation {
             return;
@@ -323,7 +338,7 @@ impl DeviceCache {
             .insert(phone.clone(), (ids, std::time::Instant::now()));
     }
 
-    /// Forgets an account's devices (they changed), here and on every other node.
+    /// Forgets an account's entry (it changed), here and on every other node.
     pub fn invalidate(&self, phone: &PhoneNumber) {
         self.invalidate_local(phone);
         if self.bus.clustered() {
@@ -339,7 +354,7 @@ impl DeviceCache {
         }
     }
 
-    /// Forgets an account's devices on this node only.
+    /// Forgets an account's entry on this node only.
     pub fn invalidate_local(&self, phone: &PhoneNumber) {
         let mut shard = self.shard(phone);
         shard.generation += 1;

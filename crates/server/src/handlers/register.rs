@@ -95,6 +95,7 @@ async fn verify(ctx: &RequestCtx, r: VerifyCode) -> Result<(response::Body, Logi
         .await
         .map_err(store_error)?;
     state.device_cache.invalidate(&phone);
+    state.block_cache.invalidate(&phone);
     state.registration.consume(&*state.store, &phone).await?;
     for device in &removed {
         state.router.kick(

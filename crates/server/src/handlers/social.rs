@@ -225,6 +225,7 @@ pub async fn block(ctx: &RequestCtx, r: Block) -> Result<response::Body, Error> 
         .set_blocked(&login.phone, &other, r.blocked)
         .await
         .map_err(store_error)?;
+    ctx.state.block_cache.invalidate(&login.phone);
     Ok(response::Body::Done(Done {}))
 }
 
@@ -298,7 +299,6 @@ pub async fn check_not_blocked(
     if recipient != sender
         && ctx
             .state
-            .store
             .is_blocked(recipient, sender)
             .await
             .map_err(store_error)?

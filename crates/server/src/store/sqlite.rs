@@ -28,14 +28,16 @@ use super::memory::checked_i64;
 use super::{
     AccountRecord, AppStateFetch, BlobRecord, ClaimedPreKey, CodeRecord, DeviceListUpdate,
     DeviceRecord, EnqueueOutcome, GroupMemberRecord, GroupRecord, GroupState, GroupWritten,
-    NewAccount, NewMessage, PreKeyRecord, PrivacyRecord, QueuedEnvelope, RetryInfo, Store,
-    StoreError, StoreResult,
+    NewAccount, NewEnvelope, NewMessage, PreKeyRecord, PrivacyRecord, QueuedEnvelope, RetryInfo,
+    Store, StoreError, StoreResult,
 };
 
 /// Most write commands the writer runs in one transaction.
 pub const MAX_BATCH: usize = 512;
 /// Read connections in the pool.
 const READERS: u32 = 4;
+/// Most consecutive enqueues of a batch written together by [`enqueue_run`].
+const MAX_RUN: usize = 512;
 /// Write commands that may wait for the writer before callers wait to send.
 const QUEUE_DEPTH: usize = 4096;
 /// How long a connection waits for a lock held by another process before failing.
@@ -217,7 +219,10 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // Savepoint and statement journals in memory: on disk, every page a command touches inside
+            // its savepoint was first copied to a temporary file with a write system call.
+            .pragma("temp_store", "MEMORY");
 
         let mut writer = SqliteConnection::connect_with(&base.clone().create_if_missing(true))
             .await
@@ -381,7 +386,61 @@ async fn run_batch(conn: &mut SqliteConnection, jobs: VecDeque<Job>, commits: &A
         let mut done: Vec<(oneshot::Sender<StoreResult<Done>>, StoreResult<Done>)> =
             Vec::with_capacity(pending.len());
         let mut aborted = None;
+        // Commands that must run one by one (a run of enqueues that could not go together).
+        let mut one_by_one = 0usize;
         while let Some(job) = pending.pop_front() {
+            if one_by_one > 0 {
+                one_by_one -= 1;
+            } else if let Op::Enqueue(_) = &job.op
+                && another_enqueue(&pending)
+            {
+                // The run takes the enqueues up to the first command that is neither an enqueue nor an
+                // acknowledgement. Acknowledgements it passes wait until after the run: they only
+                // delete envelopes committed earlier, so the order of the two does not matter.
+                let mut run = vec![job];
+                let mut passed = Vec::new();
+                while run.len() < MAX_RUN
+                    && let Some(next) = pending.pop_front()
+                {
+                    match next.op {
+                        Op::Enqueue(_) => run.push(next),
+                        Op::Ack(..) => passed.push(next),
+                        _ => {
+                            pending.push_front(next);
+                            break;
+                        }
+                    }
+                }
+                for job in passed.into_iter().rev() {
+                    pending.push_front(job);
+                }
+                match enqueue_run(conn, &run).await {
+                    Ok(Some(outcomes)) => {
+                        for (job, outcome) in run.into_iter().zip(outcomes) {
+                            done.push((job.reply, Ok(Done::Enqueued(outcome))));
+                        }
+                        continue;
+                    }
+                    // Something in the run needs its own answer (a duplicate, a removed device):
+                    // the commands go one by one, each in its own savepoint.
+                    Ok(None) => {
+                        one_by_one = run.len();
+                        for job in run.into_iter().rev() {
+                            pending.push_front(job);
+                        }
+                    }
+                    Err(reason) => {
+                        for job in run {
+                            let _ = job
+                                .reply
+                                .send(Err(writer_error(WriterError::Aborted(reason.clone()))));
+                        }
+                        aborted = Some(reason);
+                        break;
+                    }
+                }
+                continue;
+            }
             let result = run_in_savepoint(conn, &job.op).await;
             match result {
                 Ok(result) => done.push((job.reply, result)),
@@ -513,23 +572,9 @@ impl Op {
                 .await
                 .map(Done::Claimed),
             Op::Enqueue(msg) => enqueue(conn, msg).await.map(Done::Enqueued),
-            Op::Ack(phone, device_id, seqs) => {
-                for &seq in seqs {
-                    let Ok(seq) = i64::try_from(seq) else {
-                        continue; // never handed out
-                    };
-                    sqlx::query(
-                        "DELETE FROM queue WHERE seq = ?1 AND phone = ?2 AND device_id = ?3",
-                    )
-                    .bind(seq)
-                    .bind(phone.as_str())
-                    .bind(dev(*device_id))
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(db)?;
-                }
-                Ok(Done::Unit)
-            }
+            Op::Ack(phone, device_id, seqs) => ack(conn, phone, *device_id, seqs)
+                .await
+                .map(|()| Done::Unit),
             Op::Expire(now_ms) => {
                 let now = i64::try_from(*now_ms).unwrap_or(i64::MAX);
                 let gone = sqlx::query("DELETE FROM queue WHERE expires_at_ms <= ?1")
@@ -1166,6 +1211,243 @@ async fn enqueue(conn: &mut SqliteConnection, msg: &NewMessage) -> StoreResult<E
         });
     }
     Ok(EnqueueOutcome::Stored(stored))
+}
+
+/// Whether an enqueue comes before the first command that is neither an enqueue nor an acknowledgement.
+fn another_enqueue(pending: &VecDeque<Job>) -> bool {
+    for job in pending {
+        match job.op {
+            Op::Enqueue(_) => return true,
+            Op::Ack(..) => {}
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Deletes acknowledged envelopes in one statement (atomic on its own, so it needs no savepoint).
+async fn ack(
+    conn: &mut SqliteConnection,
+    phone: &PhoneNumber,
+    device_id: DeviceId,
+    seqs: &[u64],
+) -> StoreResult<()> {
+    // Sequences beyond i64 were never handed out; the list is numbers only, so it is valid JSON.
+    let mut list = String::with_capacity(seqs.len() * 8 + 2);
+    list.push('[');
+    for seq in seqs.iter().filter(|&&s| i64::try_from(s).is_ok()) {
+        if list.len() > 1 {
+            list.push(',');
+        }
+        list.push_str(&seq.to_string());
+    }
+    list.push(']');
+    sqlx::query(
+        "DELETE FROM queue WHERE seq IN (SELECT value FROM json_each(?1)) \
+         AND phone = ?2 AND device_id = ?3",
+    )
+    .bind(list)
+    .bind(phone.as_str())
+    .bind(dev(device_id))
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// Rows per multi-row INSERT: a run is cut greedily into these sizes, so only these few statements are
+/// ever prepared (and stay in the statement cache).
+const RUN_CHUNKS: [usize; 8] = [128, 64, 32, 16, 8, 4, 2, 1];
+
+/// `INSERT INTO message_ids … VALUES (…)×n … RETURNING` for each size of [`RUN_CHUNKS`].
+static IDS_SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+    RUN_CHUNKS
+        .iter()
+        .map(|&n| {
+            format!(
+                "INSERT INTO message_ids (sender, sender_device, message_id, server_ts_ms, expires_at_ms) \
+                 VALUES {} ON CONFLICT (sender, sender_device, message_id) DO NOTHING \
+                 RETURNING sender, sender_device, message_id",
+                vec!["(?, ?, ?, ?, ?)"; n].join(", ")
+            )
+        })
+        .collect()
+});
+
+/// `INSERT INTO queue … VALUES (…)×n RETURNING` for each size of [`RUN_CHUNKS`].
+static QUEUE_SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+    RUN_CHUNKS
+        .iter()
+        .map(|&n| {
+            format!(
+                "INSERT INTO queue (phone, device_id, sender, sender_device, message_id, server_ts_ms, \
+                 olm_type, ciphertext, expires_at_ms, retry_of, retry_attempt) VALUES {} \
+                 RETURNING seq, sender, sender_device, message_id, phone, device_id",
+                vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; n].join(", ")
+            )
+        })
+        .collect()
+});
+
+/// Cuts `n` rows into `(start, index into RUN_CHUNKS)` pieces.
+fn run_chunks(n: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, &size) in RUN_CHUNKS.iter().enumerate() {
+        while n - start >= size {
+            out.push((start, i));
+            start += size;
+        }
+    }
+    out
+}
+
+/// Writes a run of consecutive enqueues together (two multi-row INSERTs instead of two statements and a
+/// savepoint per message), inside a savepoint of its own. `Ok(None)`: the run was undone because some
+/// command needs its own answer (a duplicate, a recipient device that is gone, a bad field); the caller
+/// runs those commands one by one. `Err`: the transaction is unusable.
+async fn enqueue_run(
+    conn: &mut SqliteConnection,
+    run: &[Job],
+) -> Result<Option<Vec<EnqueueOutcome>>, String> {
+    let msgs: Vec<&NewMessage> = run
+        .iter()
+        .filter_map(|j| match &j.op {
+            Op::Enqueue(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    if msgs.len() != run.len() {
+        return Ok(None);
+    }
+    exec(conn, "SAVEPOINT run")
+        .await
+        .map_err(|e| e.to_string())?;
+    let written = try_enqueue_run(conn, &msgs).await;
+    let end = match &written {
+        Ok(Some(_)) => exec(conn, "RELEASE run").await,
+        _ => match exec(conn, "ROLLBACK TO run").await {
+            Ok(()) => exec(conn, "RELEASE run").await,
+            Err(e) => Err(e),
+        },
+    };
+    end.map_err(|e| e.to_string())?;
+    Ok(written.ok().flatten())
+}
+
+/// The statements of [`enqueue_run`]; `Ok(None)` when the run cannot be written together.
+async fn try_enqueue_run(
+    conn: &mut SqliteConnection,
+    msgs: &[&NewMessage],
+) -> StoreResult<Option<Vec<EnqueueOutcome>>> {
+    let mut index: std::collections::HashMap<(&str, i64, &[u8]), usize> =
+        std::collections::HashMap::with_capacity(msgs.len());
+    let mut times = Vec::with_capacity(msgs.len());
+    for (i, m) in msgs.iter().enumerate() {
+        let key = (
+            m.sender.as_str(),
+            dev(m.sender_device),
+            m.message_id.as_bytes().as_slice(),
+        );
+        if index.insert(key, i).is_some() {
+            return Ok(None); // the same message twice: the second is a duplicate of the first
+        }
+        let (Ok(ts), Ok(expires)) = (
+            checked_i64("server_ts_ms", m.server_ts_ms),
+            checked_i64("expires_at_ms", m.expires_at_ms),
+        ) else {
+            return Ok(None);
+        };
+        times.push((ts, expires));
+    }
+
+    let mut inserted = 0;
+    for (start, size) in run_chunks(msgs.len()) {
+        let mut q = sqlx::query_as::<_, (String, i64, Vec<u8>)>(IDS_SQL[size].as_str());
+        for (m, (ts, expires)) in msgs[start..start + RUN_CHUNKS[size]]
+            .iter()
+            .zip(&times[start..])
+        {
+            q = q
+                .bind(m.sender.as_str())
+                .bind(dev(m.sender_device))
+                .bind(m.message_id.as_bytes().as_slice())
+                .bind(*ts)
+                .bind(*expires);
+        }
+        inserted += q.fetch_all(&mut *conn).await.map_err(db)?.len();
+    }
+    if inserted != msgs.len() {
+        return Ok(None); // some were accepted before: each duplicate gets its first acceptance's time
+    }
+
+    let rows: Vec<(usize, &NewEnvelope)> = msgs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| m.envelopes.iter().map(move |e| (i, e)))
+        .collect();
+    let mut seqs: Vec<Vec<Option<u64>>> =
+        msgs.iter().map(|m| vec![None; m.envelopes.len()]).collect();
+    for (start, size) in run_chunks(rows.len()) {
+        let mut q =
+            sqlx::query_as::<_, (i64, String, i64, Vec<u8>, String, i64)>(QUEUE_SQL[size].as_str());
+        for &(i, env) in &rows[start..start + RUN_CHUNKS[size]] {
+            let m = msgs[i];
+            q = q
+                .bind(env.phone.as_str())
+                .bind(dev(env.device_id))
+                .bind(m.sender.as_str())
+                .bind(dev(m.sender_device))
+                .bind(m.message_id.as_bytes().as_slice())
+                .bind(times[i].0)
+                .bind(i64::from(env.olm_type))
+                .bind(env.ciphertext.as_slice())
+                .bind(times[i].1)
+                .bind(m.retry.map(|r| r.of.as_bytes().to_vec()))
+                .bind(i64::from(m.retry.map_or(0, |r| r.attempt)));
+        }
+        // A recipient device that is gone fails the statement (foreign key): the run is undone.
+        for (seq, sender, sender_device, message_id, phone, device_id) in
+            q.fetch_all(&mut *conn).await.map_err(db)?
+        {
+            let Some(&i) = index.get(&(sender.as_str(), sender_device, message_id.as_slice()))
+            else {
+                return Ok(None);
+            };
+            let Some(slot) = msgs[i]
+                .envelopes
+                .iter()
+                .position(|e| e.phone.as_str() == phone && dev(e.device_id) == device_id)
+            else {
+                return Ok(None);
+            };
+            seqs[i][slot] = Some(dec_u64("seq", seq)?);
+        }
+    }
+
+    let mut outcomes = Vec::with_capacity(msgs.len());
+    for (m, seqs) in msgs.iter().zip(seqs) {
+        let mut stored = Vec::with_capacity(m.envelopes.len());
+        for (env, seq) in m.envelopes.iter().zip(seqs) {
+            let Some(seq) = seq else {
+                return Ok(None);
+            };
+            stored.push(QueuedEnvelope {
+                seq,
+                phone: env.phone.clone(),
+                device_id: env.device_id,
+                sender: m.sender.clone(),
+                sender_device: m.sender_device,
+                message_id: m.message_id,
+                server_ts_ms: m.server_ts_ms,
+                olm_type: env.olm_type,
+                ciphertext: env.ciphertext.clone(),
+                retry: m.retry,
+            });
+        }
+        outcomes.push(EnqueueOutcome::Stored(stored));
+    }
+    Ok(Some(outcomes))
 }
 
 type GroupRow = (Vec<u8>, String, String, i64, i64, i64);

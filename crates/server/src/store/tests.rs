@@ -1439,6 +1439,75 @@ async fn sqlite_store_group_commit_batches() {
     assert_eq!(queue_of(&s, &b).await.len(), 100);
 }
 
+/// A run of enqueues in one batch is written with multi-row statements, and an acknowledgement between
+/// them waits until after the run: every message still gets its envelopes in the order given, with the
+/// sequences the queue holds, and the acknowledged envelope is gone.
+#[tokio::test]
+async fn sqlite_store_enqueue_run_matches_the_queue() {
+    const N: u8 = 250; // 500 envelopes: every chunk size of the multi-row statements is used
+    let (_dir, s) = temp_sqlite().await;
+    let (a, b) = two_accounts(&s).await;
+    let old = stored(
+        s.enqueue(message(&a, 1, mid(255), 50, vec![envelope(&b, 1, b"old")]))
+            .await
+            .unwrap(),
+    );
+    let commits_before = s.commits();
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        if i == N / 2 {
+            let (s, b, seq) = (s.clone(), b.clone(), old[0].seq);
+            tasks.push(tokio::spawn(async move {
+                s.ack(&b, dev(1), &[seq]).await.unwrap();
+                Vec::new()
+            }));
+        }
+        let (s, a, b) = (s.clone(), a.clone(), b.clone());
+        tasks.push(tokio::spawn(async move {
+            let msg = message(
+                &b,
+                1,
+                mid(i),
+                100 + u64::from(i),
+                vec![envelope(&a, 1, &[i, 0]), envelope(&b, 1, &[i, 1])],
+            );
+            stored(s.enqueue(msg).await.unwrap())
+        }));
+    }
+    let mut to_a = Vec::new();
+    let mut to_b = Vec::new();
+    for task in tasks {
+        let envs = task.await.unwrap();
+        if envs.is_empty() {
+            continue; // the acknowledgement
+        }
+        assert_eq!(envs.len(), 2);
+        let i = envs[0].ciphertext[0];
+        assert_eq!(
+            (envs[0].phone.clone(), envs[0].ciphertext.clone()),
+            (a.clone(), vec![i, 0])
+        );
+        assert_eq!(
+            (envs[1].phone.clone(), envs[1].ciphertext.clone()),
+            (b.clone(), vec![i, 1])
+        );
+        assert_eq!(envs[0].message_id, mid(i));
+        assert_eq!(envs[1].server_ts_ms, 100 + u64::from(i));
+        to_a.push(envs[0].clone());
+        to_b.push(envs[1].clone());
+    }
+    assert_eq!(s.commits() - commits_before, 1, "one batch, one commit");
+    to_a.sort_by_key(|e| e.seq);
+    to_b.sort_by_key(|e| e.seq);
+    assert_eq!(queue_of(&s, &a).await, to_a);
+    assert_eq!(
+        queue_of(&s, &b).await,
+        to_b,
+        "the acknowledged envelope is gone"
+    );
+    assert_eq!(to_a.len() + to_b.len(), 2 * usize::from(N));
+}
+
 /// A failing command is rolled back alone; the rest of its batch commits.
 #[tokio::test]
 async fn sqlite_store_failure_isolated_in_batch() {

@@ -16,13 +16,13 @@ use natter_proto::wire::{
 };
 use natter_proto::{DeviceId, PROTOCOL_VERSION, PhoneNumber, ProtoError};
 use subtle::ConstantTimeEq;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::io::{read_frame, read_record};
-use crate::delivery::{ConnEvent, ConnShared};
+use crate::delivery::{ConnEvent, ConnEvents, ConnShared};
 use crate::handlers::{self, Login, RequestCtx};
 use crate::server::ServerState;
 use crate::store::QueuedEnvelope;
@@ -62,7 +62,10 @@ pub async fn serve(
     let _ = stream.set_nodelay(true);
     let timeout = state.config.abuse.handshake_timeout;
     let mut answered = false;
-    let opened = tokio::time::timeout(timeout, open(&state, &mut stream, &mut answered)).await;
+    // Boxed, like every rarely used step below: the connection's task is sized for its largest await, and
+    // an idle connection should not carry the handshake's or the login's state.
+    let opened =
+        tokio::time::timeout(timeout, Box::pin(open(&state, &mut stream, &mut answered))).await;
     let (channel, reader, hello) = match opened {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
@@ -163,7 +166,7 @@ struct Conn {
     channel: SecureChannel,
     peer_ip: IpAddr,
     shared: Arc<ConnShared>,
-    rx: mpsc::UnboundedReceiver<ConnEvent>,
+    rx: ConnEvents,
     login: Option<Login>,
     /// Encrypted bytes waiting for the socket.
     out: Vec<u8>,
@@ -188,7 +191,8 @@ impl Conn {
         hello: ClientHello,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(), ConnError> {
-        let refusal = self.hello(&hello).await?;
+        let refusal = Box::pin(self.hello(&hello)).await?;
+        drop(hello);
         let refused = refusal.is_some();
         // The hello answer goes first, before anything logging in queued (a keys-low push).
         self.pending.insert(
@@ -293,7 +297,7 @@ impl Conn {
 
     async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ConnError> {
         // A client may pipeline frames behind its hello; they are already buffered.
-        self.drain_buffered().await?;
+        Box::pin(self.drain_buffered()).await?;
         loop {
             if !self.pending.is_empty() {
                 // Taken, not cleared: an idle connection keeps no capacity from its last burst.
@@ -308,10 +312,17 @@ impl Conn {
                 && !self.closing
                 && self.inflight.len() < self.state.config.abuse.max_unacked_pushes
             {
-                self.resync(from).await?;
+                Box::pin(self.resync(from)).await?;
                 continue;
             }
             let reading = !self.closing && self.out.len() < MAX_PENDING_OUTPUT;
+            let writing = !self.out.is_empty();
+            // One readiness future for both directions (each costs the connection's task 152 bytes).
+            let interest = match (reading, writing) {
+                (true, true) => Interest::READABLE | Interest::WRITABLE,
+                (false, true) => Interest::WRITABLE,
+                _ => Interest::READABLE,
+            };
             let idle_deadline = self.last_activity + IDLE_TIMEOUT;
             tokio::select! {
                 _ = shutdown.changed() => {
@@ -320,15 +331,21 @@ impl Conn {
                         return Ok(());
                     }
                 }
-                r = self.stream.readable(), if reading => {
-                    r?;
-                    self.read_ready().await?;
+                r = self.stream.ready(interest), if reading || writing => {
+                    let ready = r?;
+                    if ready.is_writable() && writing {
+                        self.try_flush()?;
+                    }
+                    if ready.is_readable() && reading {
+                        // Boxed: frames and requests are large, and only live while a read is handled.
+                        Box::pin(self.read_ready()).await?;
+                    }
                 }
-                r = self.stream.writable(), if !self.out.is_empty() => {
-                    r?;
-                    self.try_flush()?;
+                () = self.rx.ready() => {
+                    for ev in self.rx.take() {
+                        self.event(ev).await?;
+                    }
                 }
-                Some(ev) = self.rx.recv() => self.event(ev).await?,
                 _ = tokio::time::sleep_until(idle_deadline) => {
                     tracing::debug!("idle timeout");
                     return Ok(());
@@ -421,10 +438,10 @@ impl Conn {
         };
         if let Some(request::Body::VerifyCode(v)) = req.body {
             // Runs inline: success turns this connection into the new primary's.
-            let (resp, login) = handlers::register::verify_code(&ctx, req.id, v).await;
+            let (resp, login) = Box::pin(handlers::register::verify_code(&ctx, req.id, v)).await;
             self.pending.push(Frame::new(frame::Body::Response(resp)));
             if let Some(login) = login {
-                self.log_in(login).await?;
+                Box::pin(self.log_in(login)).await?;
             }
             return Ok(());
         }
