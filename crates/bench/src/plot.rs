@@ -33,9 +33,11 @@ pub fn parse_runs(text: &str) -> Result<BTreeMap<String, Curve>> {
         let Some(server) = line.split_whitespace().next() else {
             continue;
         };
+        // The Natter adapter writes `load=open-loop@R/s`, the XMPP one `offered_per_s=R`.
         let rate = field(line, "load")
             .and_then(|l| l.strip_prefix("open-loop@"))
             .and_then(|r| r.strip_suffix("/s"))
+            .or_else(|| field(line, "offered_per_s"))
             .and_then(|r| r.parse::<f64>().ok());
         let p50 = field(line, "p50_ms").and_then(|v| v.parse::<f64>().ok());
         let p99 = field(line, "p99_ms").and_then(|v| v.parse::<f64>().ok());
@@ -169,7 +171,7 @@ mod tests {
         let runs = "natterd scenario=pairs load=open-loop@1000/s p50_ms=1.0 p99_ms=3.0\n\
                     natterd scenario=pairs load=open-loop@1000/s p50_ms=2.0 p99_ms=9.0\n\
                     natterd scenario=pairs load=open-loop@1000/s p50_ms=1.5 p99_ms=4.0\n\
-                    ejabberd scenario=pairs load=open-loop@1000/s p50_ms=0.5 p99_ms=6.5\n\
+                    ejabberd natter-bench scenario=pairs protocol=xmpp offered_per_s=1000 p50_ms=0.5 p99_ms=6.5\n\
                     ejabberd \n\
                     natterd scenario=pairs load=closed-loop p50_ms=1 p99_ms=2\n";
         let c = parse_runs(runs).unwrap();
