@@ -119,13 +119,14 @@ impl ServerState {
         let blocked = match self.block_cache.get(owner) {
             Ok(blocked) => blocked,
             Err(generation) => {
-                let blocked: std::sync::Arc<[natter_proto::PhoneNumber]> =
-                    self.store.blocked(owner).await?.into();
+                let mut blocked = self.store.blocked(owner).await?;
+                blocked.sort(); // searched by `binary_search` below, however many were blocked
+                let blocked: std::sync::Arc<[natter_proto::PhoneNumber]> = blocked.into();
                 self.block_cache.insert(owner, blocked.clone(), generation);
                 blocked
             }
         };
-        Ok(blocked.contains(other))
+        Ok(blocked.binary_search(other).is_ok())
     }
 
     /// A fresh connection id.

@@ -9,6 +9,7 @@
 //! The schema lives in `migrations/sqlite/NNN_*.sql`; see `migrations/NOTES.md` for the pitfalls.
 
 use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1239,7 +1240,7 @@ async fn ack(
         if list.len() > 1 {
             list.push(',');
         }
-        list.push_str(&seq.to_string());
+        let _ = write!(list, "{seq}"); // writing to a String cannot fail
     }
     list.push(']');
     sqlx::query(
