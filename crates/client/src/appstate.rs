@@ -485,7 +485,7 @@ impl Client {
             .await?;
         // A companion that was just linked may not have published its prekeys yet: retry for a while.
         let client = self.background();
-        self.spawn_app_state_task(async move {
+        self.spawn_task(async move {
             for attempt in 1..=60u64 {
                 if !client.is_connected() {
                     break; // the next connection flushes the outbox
@@ -512,25 +512,10 @@ impl Client {
         self.sync_locked(&conn, collection).await.map(|_| ())
     }
 
-    /// Runs app-state background work; [`Client::disconnect`] (and dropping the client) aborts it, so
-    /// that nothing keeps the home directory locked.
-    pub(crate) fn spawn_app_state_task(
-        &self,
-        task: impl std::future::Future<Output = ()> + Send + 'static,
-    ) {
-        let mut set = self
-            .inner
-            .app_state_tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        while set.try_join_next().is_some() {}
-        set.spawn(task);
-    }
-
     /// Syncs every collection (or one); errors are reported as events.
     pub(crate) fn spawn_app_state_sync(&self, only: Option<String>) {
         let client = self.background();
-        self.spawn_app_state_task(async move {
+        self.spawn_task(async move {
             for c in COLLECTIONS {
                 if only.as_deref().is_some_and(|o| o != c) {
                     continue;

@@ -63,7 +63,7 @@ impl Drop for Owner {
     fn drop(&mut self) {
         if let Some(inner) = self.inner.upgrade() {
             inner
-                .app_state_tasks
+                .tasks
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .abort_all();
@@ -102,8 +102,9 @@ pub(crate) struct Inner {
     pub(crate) history_jobs: tokio::sync::Mutex<()>,
     /// Serialises app-state fetches and pushes.
     pub(crate) app_state: tokio::sync::Mutex<()>,
-    /// App-state background work, aborted on disconnect.
-    pub(crate) app_state_tasks: Mutex<tokio::task::JoinSet<()>>,
+    /// Background work (syncs, history jobs, outbox flushes, follow-ups), aborted on disconnect and
+    /// when the last caller-held handle goes, so that nothing runs on or keeps the home locked after.
+    tasks: Mutex<tokio::task::JoinSet<()>>,
     pub(crate) conn: watch::Sender<Option<Arc<Connection>>>,
     /// Grows whenever a device list is fetched from the server: cached group targets built before are
     /// stale.
@@ -253,7 +254,7 @@ impl Client {
             sending: tokio::sync::Mutex::new(()),
             history_jobs: tokio::sync::Mutex::new(()),
             app_state: tokio::sync::Mutex::new(()),
-            app_state_tasks: Mutex::new(tokio::task::JoinSet::new()),
+            tasks: Mutex::new(tokio::task::JoinSet::new()),
             conn,
             device_generation: std::sync::atomic::AtomicU64::new(0),
             group_targets: Mutex::new(Default::default()),
@@ -679,7 +680,7 @@ impl Client {
         {
             // Read receipts follow the account's privacy settings, which another device may change.
             let client = self.background();
-            tokio::spawn(async move {
+            self.spawn_task(async move {
                 if let Err(e) = client.privacy().await {
                     tracing::debug!(error = %e, "privacy settings not refreshed");
                 }
@@ -688,7 +689,7 @@ impl Client {
         if identity.device_id == DeviceId::PRIMARY {
             // Companions may have left (or been logged out) while the phone was away.
             let client = self.background();
-            tokio::spawn(async move {
+            self.spawn_task(async move {
                 if let Err(e) = client.reconcile_own_list().await {
                     tracing::debug!(error = %e, "device list reconciliation failed");
                 }
@@ -706,7 +707,7 @@ impl Client {
         loop {
             let flusher = {
                 let client = self.background();
-                tokio::spawn(async move {
+                self.spawn_task(async move {
                     if let Err(e) = client.flush_outbox().await {
                         tracing::debug!(error = %e, "outbox flush stopped");
                     }
@@ -768,11 +769,59 @@ impl Client {
             task.abort();
         }
         self.inner
-            .app_state_tasks
+            .tasks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .abort_all();
         self.inner.conn.send_replace(None);
+    }
+
+    /// Closes the connection, stops every background task and waits until they have stopped: after
+    /// this returns nothing of this client runs any more (an interrupted job, such as a history import,
+    /// resumes at the next login), and once every other handle is dropped too the home is free for
+    /// [`Client::open`] at once.
+    pub async fn close(self) {
+        let supervisor = self
+            .inner
+            .supervisor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(task) = supervisor {
+            task.abort();
+            let _ = task.await;
+        }
+        // A task stopping may have started another: repeat until none is left.
+        loop {
+            let mut tasks =
+                std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+            if tasks.is_empty() {
+                break;
+            }
+            tasks.shutdown().await;
+        }
+        self.inner.conn.send_replace(None);
+    }
+
+    /// Runs `task` in the background as part of this client: [`Client::disconnect`], [`Client::close`]
+    /// and dropping the last caller-held handle abort it. Returns its abort handle.
+    pub(crate) fn spawn_task(
+        &self,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::AbortHandle {
+        let mut set = self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        while set.try_join_next().is_some() {}
+        set.spawn(task)
+    }
+
+    /// Flushes the outbox in the background (see [`Client::spawn_task`]).
+    pub(crate) fn spawn_outbox_flush(&self) {
+        let client = self.background();
+        self.spawn_task(async move {
+            if let Err(e) = client.flush_outbox().await {
+                tracing::debug!(error = %e, "outbox flush stopped");
+            }
+        });
     }
 
     /// The current connection, waiting up to `wait` for one.

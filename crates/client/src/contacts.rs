@@ -450,12 +450,7 @@ impl Client {
         }
         self.inner.store.save_changes(changes).await?;
         if self.is_connected() {
-            let client = self.background();
-            tokio::spawn(async move {
-                if let Err(e) = client.flush_outbox().await {
-                    tracing::debug!(error = %e, "outbox flush stopped");
-                }
-            });
+            self.spawn_outbox_flush();
         }
         Ok(())
     }

@@ -495,12 +495,7 @@ impl Client {
         }
         self.inner.store.save_changes(changes).await?;
         if self.is_connected() {
-            let client = self.background();
-            tokio::spawn(async move {
-                if let Err(e) = client.flush_outbox().await {
-                    tracing::debug!(error = %e, "outbox flush stopped");
-                }
-            });
+            self.spawn_outbox_flush();
         }
         Ok(out)
     }
@@ -1732,7 +1727,7 @@ impl Client {
             return;
         }
         let client = self.background();
-        tokio::spawn(async move {
+        self.spawn_task(async move {
             for id in f.refresh {
                 if let Err(e) = client.refresh_group(&id).await {
                     tracing::warn!(error = %e, "could not fetch a group");

@@ -358,12 +358,7 @@ impl Client {
                 ..Changes::default()
             })
             .await?;
-        let client = self.background();
-        tokio::spawn(async move {
-            if let Err(e) = client.flush_outbox().await {
-                tracing::debug!(error = %e, "outbox flush stopped");
-            }
-        });
+        self.spawn_outbox_flush();
         Ok((sent, ids))
     }
 
@@ -429,7 +424,7 @@ impl Client {
     /// that queued some were acknowledged, and after every login).
     pub(crate) fn spawn_history_jobs(&self) {
         let client = self.background();
-        tokio::spawn(async move {
+        self.spawn_task(async move {
             if let Err(e) = client.run_history_jobs().await {
                 tracing::debug!(error = %e, "history jobs stopped; they resume at the next login");
             }

@@ -529,7 +529,7 @@ impl Client {
     /// mean a companion removed itself, and the signed list must follow.
     fn device_list_changed(&self, phone: PhoneNumber) {
         let client = self.background();
-        tokio::spawn(async move {
+        self.spawn_task(async move {
             if let Err(e) = client.peer_devices(&phone, true).await {
                 tracing::warn!(error = %e, "device list refresh failed");
             }
@@ -596,12 +596,7 @@ impl Client {
         if let Err(e) = self.queue_follow_ups(&me, outcome).await {
             tracing::warn!(error = %e, "could not queue receipts");
         }
-        let client = self.background();
-        tokio::spawn(async move {
-            if let Err(e) = client.flush_outbox().await {
-                tracing::debug!(error = %e, "outbox flush stopped");
-            }
-        });
+        self.spawn_outbox_flush();
         complete
     }
 
@@ -823,6 +818,10 @@ impl Client {
                 } else {
                     tracing::info!(
                         attempt = attempt + 1,
+                        device = device.get(),
+                        olm_type = env.olm_type,
+                        known_device = curve.is_some(),
+                        own_account = sender == me.phone,
                         "could not decrypt a message; asking the sender again"
                     );
                     changes.failures.push(FailureRecord {
@@ -1053,7 +1052,7 @@ impl Client {
             Some(content::content::Body::AppStateRecovery(r)) => {
                 if from_me && device != me.device_id && me.device_id == DeviceId::PRIMARY {
                     let client = self.background();
-                    self.spawn_app_state_task(async move {
+                    self.spawn_task(async move {
                         if let Err(e) = client.recover_app_state(&r.collection).await {
                             tracing::warn!(error = %e, "app-state recovery failed");
                         }
@@ -1114,12 +1113,7 @@ impl Client {
         }
         self.inner.store.save_changes(changes).await?;
         if self.is_connected() {
-            let client = self.background();
-            tokio::spawn(async move {
-                if let Err(e) = client.flush_outbox().await {
-                    tracing::debug!(error = %e, "outbox flush stopped");
-                }
-            });
+            self.spawn_outbox_flush();
         }
         Ok(())
     }

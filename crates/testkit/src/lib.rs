@@ -168,8 +168,7 @@ impl TestClient {
             phone,
             home,
         } = self;
-        client.disconnect().await;
-        drop(client);
+        client.close().await;
         let client = open_when_free(home.path()).await;
         TestClient {
             client,
@@ -365,8 +364,7 @@ impl TestClient {
             phone,
             home,
         } = self;
-        client.disconnect().await;
-        drop(client);
+        client.close().await;
         PoweredOff { phone, home }
     }
 }
