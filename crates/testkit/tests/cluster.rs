@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use natter_client::{Event, MessageKind, MessageStatus};
+use natter_proto::wire::ErrorCode;
 use natter_server::store::postgres::testing::{REQUIRE_ENV, TestSchema};
 use natter_testkit::{
     NatterdProcess, PendingCompanion, TestClient, TestServer, eventually, next_message,
@@ -349,6 +350,36 @@ fn count_incoming(client: &TestClient) -> (Tally, tokio::task::JoinHandle<()>) {
 }
 
 /// Every message `sender` holds as sent to `to` (after its outbox drained).
+/// Well under the 30 seconds a node caches an account's devices and block list: what a change must take
+/// to reach the other nodes over the bus.
+const BUS_BOUND: Duration = Duration::from_secs(5);
+
+/// Sends `text` from `from` to `to`; true if the server refused it because `to` blocks `from`, false if
+/// it accepted it.
+async fn refused_as_blocked(from: &TestClient, to: &TestClient, text: &str) -> bool {
+    let m = match from.client.send_text(&to.phone, text).await {
+        Err(e) => {
+            assert_eq!(e.server_code(), Some(ErrorCode::Blocked), "{e}");
+            return true;
+        }
+        Ok(m) => m,
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let history = from.client.history(&to.phone).await.unwrap();
+        match history.iter().find(|x| x.id == m.id).map(|x| x.status) {
+            Some(MessageStatus::Failed) => return true,
+            Some(MessageStatus::Pending) | None => {}
+            Some(_) => return false,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server neither accepted nor refused {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn sent_texts(sender: &TestClient, to: &TestClient) -> BTreeSet<String> {
     let (c, p) = (sender.client.clone(), to.phone.clone());
     eventually(Duration::from_secs(90), "the outbox to drain", || {
@@ -481,6 +512,31 @@ async fn clients_on_two_nodes_exchange_messages_presence_and_link() {
         .unwrap();
     let got = next_message(&mut alice_ev, WAIT, |m| !m.from_me).await;
     assert_eq!(got.text, "hello from b");
+
+    // Blocking on node a reaches node b's cache of Alice's block list (which Bob's message just filled)
+    // over the bus, within moments rather than the cache's 30-second lifetime; unblocking too.
+    alice.client.block(&bob.phone, true).await.unwrap();
+    let t = Instant::now();
+    let mut probe = 0;
+    while !refused_as_blocked(&bob, &alice, &format!("probe {probe}")).await {
+        assert!(
+            t.elapsed() < BUS_BOUND,
+            "node b still delivers after {:?}",
+            t.elapsed()
+        );
+        probe += 1;
+    }
+    eprintln!("block seen on the other node after {:?}", t.elapsed());
+    alice.client.block(&bob.phone, false).await.unwrap();
+    let t = Instant::now();
+    while refused_as_blocked(&bob, &alice, &format!("probe {probe}")).await {
+        assert!(
+            t.elapsed() < BUS_BOUND,
+            "node b still refuses after {:?}",
+            t.elapsed()
+        );
+        probe += 1;
+    }
 
     // Presence travels over the bus: Bob (on b) sees Alice (on a) online, then offline.
     let (bc, ap) = (bob.client.clone(), alice.phone.clone());
