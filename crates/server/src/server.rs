@@ -343,8 +343,8 @@ impl Server {
         &self.state
     }
 
-    /// Stops accepting, closes every connection and waits for the tasks to end. Everything acknowledged
-    /// is already durable, so nothing is flushed here.
+    /// Stops accepting, closes every connection, waits for the tasks to end, then closes the store.
+    /// Everything acknowledged is already durable, so nothing is flushed here.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.accept.await;
@@ -355,6 +355,7 @@ impl Server {
             http.abort();
             let _ = http.await;
         }
+        self.state.store.close().await;
     }
 }
 

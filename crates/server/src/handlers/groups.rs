@@ -14,15 +14,16 @@ use natter_proto::limits::{
     MAX_GROUP_CIPHERTEXT, MAX_GROUP_DESCRIPTION, MAX_GROUP_MEMBERS, MAX_GROUP_NAME,
     MAX_KEY_SHARES_PER_REQUEST, MAX_SHORT_TEXT,
 };
-use natter_proto::wire::{Error, ErrorCode, Sent, response};
+use natter_proto::wire::{Error, ErrorCode, response};
 use natter_proto::{DeviceId, GroupId, MessageId, PhoneNumber};
 use prost::Message;
 
 use super::register::unknown_account;
+use super::send::{route, store_and_route};
 use super::social::blocked_error;
 use super::{Login, RequestCtx, bad_request, parse_phone, store_error};
 use crate::store::{
-    EnqueueOutcome, GroupMemberRecord, GroupRecord, GroupState, NewEnvelope, NewMessage, StoreError,
+    GroupMemberRecord, GroupRecord, GroupState, NewEnvelope, NewMessage, StoreError,
 };
 
 /// How often a change is tried again when another change of the same group won the race.
@@ -189,16 +190,6 @@ async fn announcement(
         envelopes,
         retry: None,
     })
-}
-
-/// Hands stored envelopes to the router (it wakes the online devices; the others load them later).
-fn route(ctx: &RequestCtx, queued: Vec<crate::store::QueuedEnvelope>) {
-    for env in queued {
-        ctx.state
-            .limits
-            .queued(&env.phone, env.device_id, env.ciphertext.len() as u64);
-        ctx.state.router.deliver(env);
-    }
 }
 
 /// `CreateGroup`: the caller is the first admin; everyone else is a member.
@@ -483,50 +474,14 @@ async fn fan_out(
     message_id: MessageId,
     envelopes: Vec<NewEnvelope>,
 ) -> Result<response::Body, Error> {
-    let limits = &ctx.state.limits;
-    let store = &ctx.state.store;
-    for env in &envelopes {
-        limits
-            .check_queue(
-                &**store,
-                &env.phone,
-                env.device_id,
-                env.ciphertext.len() as u64,
-            )
-            .await
-            .map_err(store_error)??;
-    }
-    let now = crate::now_ms();
-    let outcome = store
-        .enqueue(NewMessage {
-            sender: login.phone.clone(),
-            sender_device: login.device,
-            message_id,
-            server_ts_ms: now,
-            expires_at_ms: now + ctx.state.config.envelope_retention.as_millis() as u64,
-            envelopes,
-            retry: None,
-        })
-        .await;
-    match outcome {
-        Ok(EnqueueOutcome::Stored(queued)) => {
-            route(ctx, queued);
-            Ok(response::Body::Sent(Sent {
-                server_ts_ms: now,
-                duplicate: false,
-            }))
-        }
-        Ok(EnqueueOutcome::Duplicate { server_ts_ms }) => Ok(response::Body::Sent(Sent {
-            server_ts_ms,
-            duplicate: true,
-        })),
+    store_and_route(ctx, login, message_id, envelopes, None, |e| match e {
         // A member device went away between the read and the write: the sender refreshes and retries.
-        Err(StoreError::NoSuchDevice) => Err(Error::new(
-            ErrorCode::GroupChanged,
-            "a member's devices changed; retry",
-        )),
-        Err(e) => Err(store_error(e)),
-    }
+        StoreError::NoSuchDevice => {
+            Error::new(ErrorCode::GroupChanged, "a member's devices changed; retry")
+        }
+        e => store_error(e),
+    })
+    .await
 }
 
 /// `SendGroupMessage`: one Megolm ciphertext to every device of every member (but the sending device

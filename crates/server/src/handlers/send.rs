@@ -14,8 +14,10 @@ use natter_proto::{DeviceId, MessageId, PhoneNumber};
 use prost::Message;
 
 use super::register::unknown_account;
-use super::{RequestCtx, bad_request, store_error};
-use crate::store::{EnqueueOutcome, NewEnvelope, NewMessage, RetryInfo, Store, StoreError};
+use super::{Login, RequestCtx, bad_request, store_error};
+use crate::store::{
+    EnqueueOutcome, NewEnvelope, NewMessage, QueuedEnvelope, RetryInfo, Store, StoreError,
+};
 
 /// Validates, stores and routes one message.
 pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::Body, Error> {
@@ -136,8 +138,23 @@ pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::
         return Err(e);
     }
 
-    // A device that does not take its mail (offline for long, or flooded) stops receiving more.
+    store_and_route(ctx, login, message_id, envelopes, retry, store_error).await
+}
+
+/// The end of every send (1:1 and group): refuses it if a recipient device's queue is full (a device
+/// that does not take its mail, offline for long or flooded, stops receiving more), stores the message
+/// durably (all envelopes or none), then hands the stored envelopes to the router. `on_store_error` turns
+/// a store failure into the client's error.
+pub(crate) async fn store_and_route(
+    ctx: &RequestCtx,
+    login: &Login,
+    message_id: MessageId,
+    envelopes: Vec<NewEnvelope>,
+    retry: Option<RetryInfo>,
+    on_store_error: impl FnOnce(StoreError) -> Error,
+) -> Result<response::Body, Error> {
     let limits = &ctx.state.limits;
+    let store = &ctx.state.store;
     for env in &envelopes {
         limits
             .check_queue(
@@ -149,11 +166,6 @@ pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::
             .await
             .map_err(store_error)??;
     }
-    let sizes: Vec<(PhoneNumber, DeviceId, u64)> = envelopes
-        .iter()
-        .map(|e| (e.phone.clone(), e.device_id, e.ciphertext.len() as u64))
-        .collect();
-
     let now = crate::now_ms();
     let outcome = store
         .enqueue(NewMessage {
@@ -166,15 +178,10 @@ pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::
             retry,
         })
         .await
-        .map_err(store_error)?;
+        .map_err(on_store_error)?;
     match outcome {
         EnqueueOutcome::Stored(queued) => {
-            for (phone, device, bytes) in &sizes {
-                limits.queued(phone, *device, *bytes);
-            }
-            for env in queued {
-                ctx.state.router.deliver(env);
-            }
+            route(ctx, queued);
             Ok(response::Body::Sent(Sent {
                 server_ts_ms: now,
                 duplicate: false,
@@ -184,6 +191,16 @@ pub async fn send_message(ctx: &RequestCtx, r: SendMessage) -> Result<response::
             server_ts_ms,
             duplicate: true,
         })),
+    }
+}
+
+/// Hands stored envelopes to the router (it wakes the online devices; the others load them later).
+pub(crate) fn route(ctx: &RequestCtx, queued: Vec<QueuedEnvelope>) {
+    for env in queued {
+        ctx.state
+            .limits
+            .queued(&env.phone, env.device_id, env.ciphertext.len() as u64);
+        ctx.state.router.deliver(env);
     }
 }
 

@@ -217,6 +217,8 @@ fn count_u32(n: usize) -> u32 {
 
 #[async_trait]
 impl Store for MemoryStore {
+    async fn close(&self) {}
+
     async fn save_code(&self, code: &CodeRecord) -> StoreResult<()> {
         checked_i64("sent_at_ms", code.sent_at_ms)?;
         checked_i64("expires_at_ms", code.expires_at_ms)?;

@@ -574,6 +574,13 @@ pub trait Store: Send + Sync + 'static {
         id: &GroupId,
         sender: &PhoneNumber,
     ) -> StoreResult<Vec<PhoneNumber>>;
+
+    // ---- shutdown ----
+
+    /// Finishes the writes already handed over, then closes every database connection; anything asked
+    /// afterwards fails. The server calls it last when it shuts down, so that the database is closed
+    /// cleanly (SQLite checkpoints and removes its write-ahead log) before the process goes on.
+    async fn close(&self);
 }
 
 /// An account's privacy settings as stored.

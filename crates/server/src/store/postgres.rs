@@ -1162,6 +1162,10 @@ type GroupRow = (Vec<u8>, String, String, i64, bool, i64);
 
 #[async_trait]
 impl Store for PgStore {
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
     async fn save_code(&self, code: &CodeRecord) -> StoreResult<()> {
         let sent = checked_i64("sent_at_ms", code.sent_at_ms)?;
         let expires = checked_i64("expires_at_ms", code.expires_at_ms)?;

@@ -336,6 +336,8 @@ enum Op {
     SetBlocked(PhoneNumber, PhoneNumber, bool),
     /// A group write: `None` creates, `Some(v)` updates a group still at version `v`.
     WriteGroup(Option<u64>, GroupState, NewMessage),
+    /// Stop after the commands received so far and close the connection (answered once it is closed).
+    Close,
 }
 
 /// A write command's result.
@@ -359,11 +361,29 @@ async fn writer_task(
     commits: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        run_batch(&mut conn, batch.drain(..).collect(), &commits).await;
+    let mut closing = Vec::new();
+    while closing.is_empty() && rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let jobs: VecDeque<Job> = batch
+            .drain(..)
+            .filter_map(|job| match job.op {
+                Op::Close => {
+                    closing.push(job.reply);
+                    None
+                }
+                _ => Some(job),
+            })
+            .collect();
+        if !jobs.is_empty() {
+            run_batch(&mut conn, jobs, &commits).await;
+        }
     }
+    // Whatever is sent from now on is refused (the receiver is gone).
+    drop(rx);
     if let Err(e) = conn.close().await {
         tracing::warn!(error = %e, "closing the SQLite writer connection");
+    }
+    for reply in closing {
+        let _ = reply.send(Ok(Done::Unit));
     }
 }
 
@@ -515,6 +535,8 @@ impl Op {
     async fn run(&self, conn: &mut SqliteConnection) -> StoreResult<Done> {
         match self {
             Op::SaveCode(code) => save_code(conn, code).await.map(|()| Done::Unit),
+            // The writer task takes it out of the batch: it never runs as a command.
+            Op::Close => Ok(Done::Unit),
             Op::AddCodeAttempt(phone) => add_code_attempt(conn, phone).await.map(Done::Count),
             Op::RemoveCode(phone) => {
                 sqlx::query("DELETE FROM codes WHERE phone = ?1")
@@ -1542,6 +1564,13 @@ fn mismatch<T>() -> StoreResult<T> {
 
 #[async_trait]
 impl Store for SqliteStore {
+    async fn close(&self) {
+        if let Err(e) = self.write(Op::Close).await {
+            tracing::debug!(error = %e, "the SQLite writer had already stopped");
+        }
+        self.pool.close().await;
+    }
+
     async fn save_code(&self, code: &CodeRecord) -> StoreResult<()> {
         self.write_unit(Op::SaveCode(code.clone())).await
     }

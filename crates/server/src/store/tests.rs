@@ -1258,6 +1258,47 @@ async fn temp_sqlite() -> (tempfile::TempDir, SqliteStore) {
     (dir, store)
 }
 
+/// Closing finishes the writes handed over before it, then closes the file cleanly (SQLite removes its
+/// write-ahead log when the last connection closes) and refuses what comes after.
+#[tokio::test]
+async fn sqlite_store_close_finishes_writes_then_refuses_more() {
+    let (dir, s) = temp_sqlite().await;
+    let s = std::sync::Arc::new(s);
+    let (a, b) = two_accounts(&*s).await;
+    let wal = dir.path().join("natter.db-wal");
+    assert!(wal.exists(), "an open store in WAL mode has its log");
+    let write = {
+        let (s, a, b) = (s.clone(), a.clone(), b.clone());
+        tokio::spawn(async move {
+            s.enqueue(message(&a, 1, mid(1), 100, vec![envelope(&b, 1, b"last")]))
+                .await
+        })
+    };
+    tokio::task::yield_now().await;
+    s.close().await;
+    // The enqueue either went in before the close (and is durable) or was refused: never lost quietly.
+    let written = write.await.unwrap().is_ok();
+    assert!(
+        !wal.exists(),
+        "the write-ahead log is checkpointed and removed"
+    );
+    let code = CodeRecord {
+        phone: a.clone(),
+        code_hash: [7; 32],
+        sent_at_ms: 1_000,
+        expires_at_ms: 2_000,
+        attempts: 0,
+    };
+    assert!(
+        s.save_code(&code).await.is_err(),
+        "a closed store takes no more writes"
+    );
+    let again = SqliteStore::open(&dir.path().join("natter.db"))
+        .await
+        .unwrap();
+    assert_eq!(queue_of(&again, &b).await.len(), usize::from(written));
+}
+
 #[tokio::test]
 async fn sqlite_store_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
