@@ -98,6 +98,17 @@ fn seqs(envs: &[QueuedEnvelope]) -> Vec<u64> {
     envs.iter().map(|e| e.seq).collect()
 }
 
+/// A registration code as `save_code` stores it.
+fn pending_code(p: &PhoneNumber) -> CodeRecord {
+    CodeRecord {
+        phone: p.clone(),
+        code_hash: [7; 32],
+        sent_at_ms: 1_000,
+        expires_at_ms: 2_000,
+        attempts: 0,
+    }
+}
+
 async fn queue_of(s: &dyn Store, phone: &PhoneNumber) -> Vec<QueuedEnvelope> {
     s.load_queue(phone, DeviceId::PRIMARY, 0, 10_000)
         .await
@@ -235,13 +246,7 @@ async fn codes(s: &dyn Store) {
     );
     assert_eq!(s.get_code(&p).await.unwrap(), None);
 
-    let code = CodeRecord {
-        phone: p.clone(),
-        code_hash: [7; 32],
-        sent_at_ms: 1_000,
-        expires_at_ms: 2_000,
-        attempts: 0,
-    };
+    let code = pending_code(&p);
     s.save_code(&code).await.unwrap();
     assert_eq!(s.get_code(&p).await.unwrap(), Some(code.clone()));
     assert_eq!(s.get_code(&phone(2)).await.unwrap(), None);
@@ -1282,15 +1287,8 @@ async fn sqlite_store_close_finishes_writes_then_refuses_more() {
         !wal.exists(),
         "the write-ahead log is checkpointed and removed"
     );
-    let code = CodeRecord {
-        phone: a.clone(),
-        code_hash: [7; 32],
-        sent_at_ms: 1_000,
-        expires_at_ms: 2_000,
-        attempts: 0,
-    };
     assert!(
-        s.save_code(&code).await.is_err(),
+        s.save_code(&pending_code(&a)).await.is_err(),
         "a closed store takes no more writes"
     );
     let again = SqliteStore::open(&dir.path().join("natter.db"))
