@@ -62,20 +62,7 @@ struct Owner {
 impl Drop for Owner {
     fn drop(&mut self) {
         if let Some(inner) = self.inner.upgrade() {
-            inner
-                .tasks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .abort_all();
-        }
-        if let Some(inner) = self.inner.upgrade()
-            && let Some(task) = inner
-                .supervisor
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-        {
-            task.abort();
+            inner.abort_background();
         }
     }
 }
@@ -124,16 +111,29 @@ pub(crate) struct Inner {
     >,
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Some(task) = self
+impl Inner {
+    /// Aborts the connection supervisor and every background task; returns the supervisor's handle, for
+    /// a caller that waits until it has stopped.
+    fn abort_background(&self) -> Option<JoinHandle<()>> {
+        let supervisor = self
             .supervisor
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+            .take();
+        if let Some(task) = &supervisor {
             task.abort();
         }
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .abort_all();
+        supervisor
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.abort_background();
     }
 }
 
@@ -705,14 +705,7 @@ impl Client {
     ) {
         let mut backoff = Duration::from_millis(200);
         loop {
-            let flusher = {
-                let client = self.background();
-                self.spawn_task(async move {
-                    if let Err(e) = client.flush_outbox().await {
-                        tracing::debug!(error = %e, "outbox flush stopped");
-                    }
-                })
-            };
+            let flusher = self.spawn_outbox_flush();
             let removed = self.process_pushes(&conn, &mut pushes).await;
             flusher.abort();
             self.inner.conn.send_replace(None);
@@ -759,20 +752,7 @@ impl Client {
 
     /// Closes the connection and stops reconnecting.
     pub async fn disconnect(&self) {
-        if let Some(task) = self
-            .inner
-            .supervisor
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            task.abort();
-        }
-        self.inner
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .abort_all();
+        self.inner.abort_background();
         self.inner.conn.send_replace(None);
     }
 
@@ -781,15 +761,8 @@ impl Client {
     /// resumes at the next login), and once every other handle is dropped too the home is free for
     /// [`Client::open`] at once.
     pub async fn close(self) {
-        let supervisor = self
-            .inner
-            .supervisor
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(task) = supervisor {
-            task.abort();
-            let _ = task.await;
+        if let Some(supervisor) = self.inner.abort_background() {
+            let _ = supervisor.await;
         }
         // A task stopping may have started another: repeat until none is left.
         loop {
@@ -814,14 +787,14 @@ impl Client {
         set.spawn(task)
     }
 
-    /// Flushes the outbox in the background (see [`Client::spawn_task`]).
-    pub(crate) fn spawn_outbox_flush(&self) {
+    /// Flushes the outbox in the background (see [`Client::spawn_task`]); returns the abort handle.
+    pub(crate) fn spawn_outbox_flush(&self) -> tokio::task::AbortHandle {
         let client = self.background();
         self.spawn_task(async move {
             if let Err(e) = client.flush_outbox().await {
                 tracing::debug!(error = %e, "outbox flush stopped");
             }
-        });
+        })
     }
 
     /// The current connection, waiting up to `wait` for one.

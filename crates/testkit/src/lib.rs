@@ -215,6 +215,42 @@ pub async fn next_message(
     .expect("message within the timeout")
 }
 
+/// Sends `text` from `from` to `to`: true if the server refused it because `to` blocks `from` (at once, or
+/// later from the outbox, which marks it failed), false if the server accepted it. Any other refusal
+/// panics; so does no answer within `timeout`.
+pub async fn refused_as_blocked(
+    from: &TestClient,
+    to: &TestClient,
+    text: &str,
+    timeout: Duration,
+) -> bool {
+    let m = match from.client.send_text(&to.phone, text).await {
+        Err(e) => {
+            assert_eq!(
+                e.server_code(),
+                Some(natter_proto::wire::ErrorCode::Blocked),
+                "{e}"
+            );
+            return true;
+        }
+        Ok(m) => m,
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let history = from.client.history(&to.phone).await.unwrap();
+        match history.iter().find(|x| x.id == m.id).map(|x| x.status) {
+            Some(natter_client::MessageStatus::Failed) => return true,
+            Some(natter_client::MessageStatus::Pending) | None => {}
+            Some(_) => return false,
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server neither accepted nor refused {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until `cond` holds, polling; panics after `timeout`.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut cond: F)
 where

@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use natter_client::{Event, MessageKind, MessageStatus};
-use natter_proto::wire::ErrorCode;
 use natter_server::store::postgres::testing::{REQUIRE_ENV, TestSchema};
 use natter_testkit::{
     NatterdProcess, PendingCompanion, TestClient, TestServer, eventually, next_message,
+    refused_as_blocked,
 };
 use tokio::sync::broadcast::error::RecvError;
 
@@ -354,32 +354,6 @@ fn count_incoming(client: &TestClient) -> (Tally, tokio::task::JoinHandle<()>) {
 /// to reach the other nodes over the bus.
 const BUS_BOUND: Duration = Duration::from_secs(5);
 
-/// Sends `text` from `from` to `to`; true if the server refused it because `to` blocks `from`, false if
-/// it accepted it.
-async fn refused_as_blocked(from: &TestClient, to: &TestClient, text: &str) -> bool {
-    let m = match from.client.send_text(&to.phone, text).await {
-        Err(e) => {
-            assert_eq!(e.server_code(), Some(ErrorCode::Blocked), "{e}");
-            return true;
-        }
-        Ok(m) => m,
-    };
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let history = from.client.history(&to.phone).await.unwrap();
-        match history.iter().find(|x| x.id == m.id).map(|x| x.status) {
-            Some(MessageStatus::Failed) => return true,
-            Some(MessageStatus::Pending) | None => {}
-            Some(_) => return false,
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the server neither accepted nor refused {text:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn sent_texts(sender: &TestClient, to: &TestClient) -> BTreeSet<String> {
     let (c, p) = (sender.client.clone(), to.phone.clone());
     eventually(Duration::from_secs(90), "the outbox to drain", || {
@@ -518,7 +492,7 @@ async fn clients_on_two_nodes_exchange_messages_presence_and_link() {
     alice.client.block(&bob.phone, true).await.unwrap();
     let t = Instant::now();
     let mut probe = 0;
-    while !refused_as_blocked(&bob, &alice, &format!("probe {probe}")).await {
+    while !refused_as_blocked(&bob, &alice, &format!("probe {probe}"), WAIT).await {
         assert!(
             t.elapsed() < BUS_BOUND,
             "node b still delivers after {:?}",
@@ -529,7 +503,7 @@ async fn clients_on_two_nodes_exchange_messages_presence_and_link() {
     eprintln!("block seen on the other node after {:?}", t.elapsed());
     alice.client.block(&bob.phone, false).await.unwrap();
     let t = Instant::now();
-    while refused_as_blocked(&bob, &alice, &format!("probe {probe}")).await {
+    while refused_as_blocked(&bob, &alice, &format!("probe {probe}"), WAIT).await {
         assert!(
             t.elapsed() < BUS_BOUND,
             "node b still refuses after {:?}",

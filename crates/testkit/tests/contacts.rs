@@ -14,7 +14,7 @@ use natter_client::{Event, MessageStatus, PresenceInfo};
 use natter_proto::PhoneNumber;
 use natter_proto::social::Visibility;
 use natter_proto::wire::ErrorCode;
-use natter_testkit::{TestClient, TestServer, eventually};
+use natter_testkit::{TestClient, TestServer, eventually, refused_as_blocked};
 
 const WAIT: Duration = Duration::from_secs(20);
 const ALICE: &str = "+15550009001";
@@ -427,32 +427,13 @@ async fn presence_follows_privacy_and_typing_reaches_the_partner() {
     assert_eq!(e.server_code(), Some(ErrorCode::Blocked));
 }
 
-/// `from` sends `text` to `to`, who blocked it: the send is refused with `Blocked`, or the message ends
-/// up failed in `from`'s history.
-async fn refused_as_blocked(from: &TestClient, to: &TestClient, text: &str) {
-    match from.client.send_text(&to.phone, text).await {
-        Err(e) => assert_eq!(e.server_code(), Some(ErrorCode::Blocked), "{e}"),
-        Ok(m) => {
-            eventually(WAIT, "the message to fail", || async {
-                from.client
-                    .history(&to.phone)
-                    .await
-                    .unwrap()
-                    .iter()
-                    .any(|x| x.id == m.id && x.status == MessageStatus::Failed)
-            })
-            .await;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_peer_cannot_deliver_and_read_receipts_can_be_off() {
     let server = TestServer::start().await;
     let alice = TestClient::online(&server, ALICE).await;
     let bob = TestClient::online(&server, "+15550009002").await;
     alice.client.block(&bob.phone, true).await.unwrap();
-    refused_as_blocked(&bob, &alice, "let me in").await;
+    assert!(refused_as_blocked(&bob, &alice, "let me in", WAIT).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(alice.client.history(&bob.phone).await.unwrap().is_empty());
 
@@ -507,5 +488,5 @@ async fn a_blocked_peer_cannot_deliver_and_read_receipts_can_be_off() {
 
     // Blocked again after messages flowed (natterd had cached that Alice blocks nobody): refused at once.
     alice.client.block(&bob.phone, true).await.unwrap();
-    refused_as_blocked(&bob, &alice, "again?").await;
+    assert!(refused_as_blocked(&bob, &alice, "again?", WAIT).await);
 }

@@ -412,3 +412,29 @@ async fn reregistration_removes_the_old_device_and_bob_reaches_the_new_one() {
     .await;
     assert_eq!(got.text, "yes, new phone");
 }
+
+/// Closing a client stops its background work (outbox flushes, receipts, syncs and history jobs that a
+/// login and a send start) and waits for it: the home's lock is free the moment `close` returns, and
+/// nothing of the closed client writes behind the next one's back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_client_frees_its_home_at_once() {
+    let server = TestServer::start().await;
+    let alice = TestClient::online(&server, ALICE).await;
+    let bob = TestClient::online(&server, BOB).await;
+    for i in 0..20 {
+        alice
+            .client
+            .send_text(&bob.phone, &format!("bye {i}"))
+            .await
+            .unwrap();
+    }
+    let home = alice.home().to_path_buf();
+    let _off = alice.power_off().await; // Client::close
+    // The client's lock file (`lock` in its home) is held for as long as anything of the client runs.
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .open(home.join("lock"))
+        .unwrap();
+    lock.try_lock()
+        .expect("no task of the closed client holds its home");
+}
